@@ -1,0 +1,195 @@
+"""Training a production model (``inspection-audit train``).
+
+Recipe for surface inspection: images decoded and resized once, then per batch random
+horizontal/vertical flips, a small random affine (rotation, scale, shift) and brightness/
+contrast jitter; class-weighted cross-entropy (or BCE for a single-logit head); AdamW with a
+one-cycle learning-rate schedule; the epoch with the best validation accuracy is kept.
+The recipe is stored in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from worker.checkpoint import NormalizedModel, build_backbone, detect_target_layer, save_checkpoint
+from worker.dataset import Record, load_tensors
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that determines a training run (stored in the checkpoint as ``recipe``)."""
+
+    arch: str = "resnet18"
+    image_size: int = 160
+    in_channels: int = 1
+    num_classes: int = 2
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 5e-4
+    class_weighting: bool = True
+    seed: int = 0
+    augment: str = "flip+affine(rot10,scale0.9-1.1,shift0.05)+jitter0.15"
+
+
+@dataclass
+class TrainResult:
+    model_version: str
+    best_epoch: int
+    val_accuracy: float
+    val_defect_recall: float
+    seconds: float
+    history: list[dict[str, float]]
+
+
+def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random flips, small affine and brightness/contrast jitter on ``float32[B, C, H, W]`` in [0, 1]."""
+    b = x.shape[0]
+    flip_h = torch.rand(b, generator=gen) < 0.5
+    flip_v = torch.rand(b, generator=gen) < 0.5
+    x = torch.where(flip_h.view(b, 1, 1, 1), x.flip(-1), x)
+    x = torch.where(flip_v.view(b, 1, 1, 1), x.flip(-2), x)
+    angle = (torch.rand(b, generator=gen) * 2 - 1) * math.radians(10)
+    scale = 1.0 + (torch.rand(b, generator=gen) * 2 - 1) * 0.1
+    shift = (torch.rand(b, 2, generator=gen) * 2 - 1) * 0.05
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack(
+        [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
+    )
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    brightness = 1.0 + (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * 0.15
+    contrast = 1.0 + (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * 0.15
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return ((x - mean) * contrast + mean * brightness).clamp(0.0, 1.0)
+
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Eval-mode logits ``float32[N, num_classes]`` for ``float32[N, C, H, W]`` in [0, 1]."""
+    model.eval()
+    return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def p_defect_from_logits(z: torch.Tensor, defect_index: int = 1) -> torch.Tensor:
+    """P(defect) ``float32[N]`` from logits ``[N, 2]`` (softmax) or ``[N, 1]`` (sigmoid)."""
+    if z.shape[1] == 1:
+        return torch.sigmoid(z[:, 0])
+    return torch.softmax(z, dim=1)[:, defect_index]
+
+
+def train_model(
+    train_records: list[Record],
+    val_records: list[Record],
+    out: str | Path,
+    recipe: Recipe = Recipe(),
+    *,
+    snapshot_epochs: tuple[int, ...] = (),
+    model_version: str | None = None,
+    show_progress: bool = True,
+    extra: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Train ``recipe.arch`` from scratch and write the best-on-val checkpoint to ``out``.
+
+    ``snapshot_epochs`` also writes ``<out stem>-epoch<N>.pt`` after those epochs (weaker
+    production models for evaluation). Returns the validation figures of the kept epoch.
+
+    Raises:
+        ValueError: empty splits, or a split without both classes in ``train``.
+    """
+    if not train_records or not val_records:
+        raise ValueError("train and val splits must both be non-empty")
+    torch.manual_seed(recipe.seed)
+    gen = torch.Generator().manual_seed(recipe.seed)
+    size = (recipe.image_size, recipe.image_size)
+    x_tr, y_tr = load_tensors(train_records, size, recipe.in_channels, "loading train", show_progress)
+    x_va, y_va = load_tensors(val_records, size, recipe.in_channels, "loading val", show_progress)
+    counts = torch.bincount(y_tr, minlength=2).float()
+    if (counts == 0).any():
+        raise ValueError(f"train split needs both classes, has counts ok={counts[0]:.0f} defect={counts[1]:.0f}")
+    mean = x_tr.mean(dim=(0, 2, 3)).tolist()
+    std = x_tr.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
+    class_names = ["ok", "defect"]
+    backbone = build_backbone(recipe.arch, recipe.num_classes, recipe.in_channels)
+    model = NormalizedModel(backbone, mean, std)
+    weights = (counts.sum() / (2 * counts)) if recipe.class_weighting else torch.ones(2)
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    steps_per_epoch = math.ceil(len(x_tr) / recipe.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=recipe.lr, total_steps=recipe.epochs * steps_per_epoch, pct_start=0.2
+    )
+    out = Path(out)
+    meta: dict[str, Any] = dict(
+        arch=recipe.arch,
+        num_classes=recipe.num_classes,
+        class_names=class_names,
+        input_size=size,
+        mean=mean,
+        std=std,
+        in_channels=recipe.in_channels,
+        target_layer=detect_target_layer(backbone),
+        recipe=asdict(recipe),
+        **(extra or {}),
+    )
+    best: tuple[float, float] = (-1.0, -1.0)
+    result = TrainResult("", 0, 0.0, 0.0, 0.0, [])
+    t0 = time.perf_counter()
+    columns = (
+        TextColumn("[bold]train[/] epoch"),
+        MofNCompleteColumn(),
+        BarColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, disable=not show_progress) as progress:
+        task = progress.add_task("train", total=recipe.epochs, status="")
+        for epoch in range(1, recipe.epochs + 1):
+            model.train()
+            perm = torch.randperm(len(x_tr), generator=gen)
+            total_loss = 0.0
+            for i in range(0, len(perm), recipe.batch_size):
+                idx = perm[i : i + recipe.batch_size]
+                if len(idx) < 2:  # BatchNorm needs more than one sample
+                    continue
+                xb, yb = augment(x_tr[idx], gen), y_tr[idx]
+                z = model(xb)
+                if recipe.num_classes == 1:
+                    loss = F.binary_cross_entropy_with_logits(
+                        z[:, 0], yb.float(), pos_weight=weights[1] / weights[0]
+                    )
+                else:
+                    loss = F.cross_entropy(z, yb, weight=weights)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total_loss += float(loss.detach()) * len(idx)
+            p = p_defect_from_logits(predict_logits(model, x_va))
+            pred = (p >= 0.5).long()
+            acc = float((pred == y_va).float().mean())
+            n_def = int((y_va == 1).sum())
+            rec = float(((pred == 1) & (y_va == 1)).sum()) / max(n_def, 1)
+            row = {"epoch": epoch, "loss": total_loss / len(x_tr), "val_accuracy": acc, "val_defect_recall": rec}
+            result.history.append(row)
+            if (acc, rec) > best:
+                best = (acc, rec)
+                version = model_version or f"{recipe.arch}-{out.stem}-e{epoch}-s{recipe.seed}"
+                save_checkpoint(out, backbone, model_version=version, best_epoch=epoch,
+                                metrics={"val_accuracy": acc, "val_defect_recall": rec}, **meta)
+                result.model_version, result.best_epoch = version, epoch
+                result.val_accuracy, result.val_defect_recall = acc, rec
+            if epoch in snapshot_epochs:
+                snap = out.with_name(f"{out.stem}-epoch{epoch}{out.suffix}")
+                save_checkpoint(snap, backbone, model_version=f"{recipe.arch}-{out.stem}-epoch{epoch}-s{recipe.seed}",
+                                best_epoch=epoch, metrics={"val_accuracy": acc, "val_defect_recall": rec}, **meta)
+            progress.update(task, advance=1, status=f"loss {row['loss']:.3f} val acc {acc:.3f} recall {rec:.3f}")
+    result.seconds = time.perf_counter() - t0
+    return result
