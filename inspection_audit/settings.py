@@ -33,7 +33,8 @@ class Settings(BaseSettings):
         description="Folder of the embedded default: SQLite file, filesystem broker, cached models.",
     )
     broker_url: str | None = Field(
-        default=None, description="Celery broker, e.g. redis://127.0.0.1:6379/0. Default: filesystem."
+        default=None,
+        description="Celery broker, e.g. redis://127.0.0.1:6379/0. Default: filesystem.",
     )
     database_url: str | None = Field(
         default=None,
@@ -69,7 +70,9 @@ class Settings(BaseSettings):
 
     # --- worker ----------------------------------------------------------------------------
     device: Literal["cpu", "cuda", "auto"] = "cpu"
-    torch_threads: int = Field(default=1, ge=1, description="torch/BLAS threads per worker process.")
+    torch_threads: int = Field(
+        default=1, ge=1, description="torch/BLAS threads per worker process."
+    )
     score_defect_predictions: bool = Field(
         default=False,
         description="Also run the full score on images the line predicted `defect` "

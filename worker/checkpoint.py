@@ -240,7 +240,9 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Pro
         input_size=(int(size[0]), int(size[1])),
         in_channels=in_channels,
         target_layer=str(target_layer),
-        model_version=str(ckpt.get("model_version") or model_version_of(ckpt["state_dict"], ckpt["arch"])),
+        model_version=str(
+            ckpt.get("model_version") or model_version_of(ckpt["state_dict"], ckpt["arch"])
+        ),
         path=path,
         extra=extra,
     )

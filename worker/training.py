@@ -110,11 +110,15 @@ def train_model(
     torch.manual_seed(recipe.seed)
     gen = torch.Generator().manual_seed(recipe.seed)
     size = (recipe.image_size, recipe.image_size)
-    x_tr, y_tr = load_tensors(train_records, size, recipe.in_channels, "loading train", show_progress)
+    x_tr, y_tr = load_tensors(
+        train_records, size, recipe.in_channels, "loading train", show_progress
+    )
     x_va, y_va = load_tensors(val_records, size, recipe.in_channels, "loading val", show_progress)
     counts = torch.bincount(y_tr, minlength=2).float()
     if (counts == 0).any():
-        raise ValueError(f"train split needs both classes, has counts ok={counts[0]:.0f} defect={counts[1]:.0f}")
+        raise ValueError(
+            f"train split needs both classes, has counts ok={counts[0]:.0f} defect={counts[1]:.0f}"
+        )
     mean = x_tr.mean(dim=(0, 2, 3)).tolist()
     std = x_tr.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
     class_names = ["ok", "defect"]
@@ -177,19 +181,38 @@ def train_model(
             acc = float((pred == y_va).float().mean())
             n_def = int((y_va == 1).sum())
             rec = float(((pred == 1) & (y_va == 1)).sum()) / max(n_def, 1)
-            row = {"epoch": epoch, "loss": total_loss / len(x_tr), "val_accuracy": acc, "val_defect_recall": rec}
+            row = {
+                "epoch": epoch,
+                "loss": total_loss / len(x_tr),
+                "val_accuracy": acc,
+                "val_defect_recall": rec,
+            }
             result.history.append(row)
             if (acc, rec) > best:
                 best = (acc, rec)
                 version = model_version or f"{recipe.arch}-{out.stem}-e{epoch}-s{recipe.seed}"
-                save_checkpoint(out, backbone, model_version=version, best_epoch=epoch,
-                                metrics={"val_accuracy": acc, "val_defect_recall": rec}, **meta)
+                save_checkpoint(
+                    out,
+                    backbone,
+                    model_version=version,
+                    best_epoch=epoch,
+                    metrics={"val_accuracy": acc, "val_defect_recall": rec},
+                    **meta,
+                )
                 result.model_version, result.best_epoch = version, epoch
                 result.val_accuracy, result.val_defect_recall = acc, rec
             if epoch in snapshot_epochs:
                 snap = out.with_name(f"{out.stem}-epoch{epoch}{out.suffix}")
-                save_checkpoint(snap, backbone, model_version=f"{recipe.arch}-{out.stem}-epoch{epoch}-s{recipe.seed}",
-                                best_epoch=epoch, metrics={"val_accuracy": acc, "val_defect_recall": rec}, **meta)
-            progress.update(task, advance=1, status=f"loss {row['loss']:.3f} val acc {acc:.3f} recall {rec:.3f}")
+                save_checkpoint(
+                    snap,
+                    backbone,
+                    model_version=f"{recipe.arch}-{out.stem}-epoch{epoch}-s{recipe.seed}",
+                    best_epoch=epoch,
+                    metrics={"val_accuracy": acc, "val_defect_recall": rec},
+                    **meta,
+                )
+            progress.update(
+                task, advance=1, status=f"loss {row['loss']:.3f} val acc {acc:.3f} recall {rec:.3f}"
+            )
     result.seconds = time.perf_counter() - t0
     return result
