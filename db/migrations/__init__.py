@@ -1,0 +1,1 @@
+"""Alembic migrations of inspection-audit (configured from code by ``db.migrate``)."""

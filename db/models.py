@@ -1,0 +1,243 @@
+"""SQLAlchemy 2 typed models: :class:`Inspection`, :class:`Audit`, :class:`Review`.
+
+The schema itself is created by the Alembic migrations in ``db/migrations`` (never by
+``create_all`` in production); a test checks that the migrated schema equals this metadata on
+PostgreSQL and SQLite. Every timestamp is stored and returned as a timezone-aware UTC datetime
+on both dialects (see :class:`UTCDateTime`).
+
+The ``review_queue`` SQL view is created by the migration; :data:`review_queue_view` is a
+lightweight, typed description of it for queries (it lives in its own ``MetaData`` so that
+``Base.metadata`` describes tables only).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+#: Constraint and index names, identical on every dialect (Alembic needs stable names).
+NAMING_CONVENTION: dict[str, str] = {
+    "ix": "ix_%(column_0_N_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+PREDICTIONS = ("ok", "defect")
+AUDIT_STATUSES = ("done", "error")
+VERDICTS = ("confirmed_defect", "cleared")
+
+#: ``params`` column type: JSON everywhere, JSONB on PostgreSQL.
+JSONType = sa.JSON().with_variant(JSONB(), "postgresql")
+#: Surrogate keys: BIGINT on PostgreSQL, INTEGER (the rowid alias) on SQLite.
+BigIntPK = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """``TIMESTAMP WITH TIME ZONE`` that always hands back aware UTC datetimes.
+
+    PostgreSQL keeps the offset itself; SQLite has no timestamp type and SQLAlchemy stores a
+    naive string there. This type converts every aware value to UTC before storing and marks
+    every value read back as UTC, so both dialects behave the same. A naive value is taken to
+    be UTC already.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        value = value.astimezone(UTC)
+        if dialect.name == "sqlite":
+            return value.replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    """Declarative base; its metadata carries :data:`NAMING_CONVENTION`."""
+
+    metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class Inspection(Base):
+    """One inspected part as the line saw it: one row per ``inspection_id``."""
+
+    __tablename__ = "inspections"
+    __table_args__ = (
+        sa.CheckConstraint(_in("prediction", PREDICTIONS), name="prediction"),
+        sa.CheckConstraint("score >= 0 AND score <= 1", name="score_range"),
+    )
+
+    inspection_id: Mapped[str] = mapped_column(sa.String(), primary_key=True)
+    image_ref: Mapped[str] = mapped_column(sa.Text())
+    line: Mapped[str | None] = mapped_column(sa.String())
+    station: Mapped[str | None] = mapped_column(sa.String())
+    captured_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    prediction: Mapped[str] = mapped_column(sa.String())
+    score: Mapped[float] = mapped_column(sa.Float())
+    expected_model_version: Mapped[str | None] = mapped_column(sa.String())
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=sa.func.now())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=sa.func.now())
+
+
+class Audit(Base):
+    """One audit result, keyed by (``inspection_id``, ``model_version``, ``method``).
+
+    ``status`` is ``done`` (every score filled in) or ``error`` (``error`` says why; the score
+    columns are NULL). ``duplicate_count`` counts deliveries that found the row already there.
+    """
+
+    __tablename__ = "audits"
+    __table_args__ = (
+        sa.UniqueConstraint("inspection_id", "model_version", "method"),
+        sa.CheckConstraint(_in("status", AUDIT_STATUSES), name="status"),
+        sa.Index("ix_audits_suspected_false_negative_status", "suspected_false_negative", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    inspection_id: Mapped[str] = mapped_column(
+        sa.String(), sa.ForeignKey("inspections.inspection_id", ondelete="CASCADE")
+    )
+    model_version: Mapped[str] = mapped_column(sa.String())
+    method: Mapped[str] = mapped_column(sa.String())
+    status: Mapped[str] = mapped_column(sa.String())
+    error: Mapped[str | None] = mapped_column(sa.Text())
+    p_defect: Mapped[float | None] = mapped_column(sa.Float())
+    energy: Mapped[float | None] = mapped_column(sa.Float())
+    iou_defect: Mapped[float | None] = mapped_column(sa.Float())
+    iou_ok: Mapped[float | None] = mapped_column(sa.Float())
+    iou_gap: Mapped[float | None] = mapped_column(sa.Float())
+    p_defect_adv: Mapped[float | None] = mapped_column(sa.Float())
+    iou_defect_adv: Mapped[float | None] = mapped_column(sa.Float())
+    iou_ok_adv: Mapped[float | None] = mapped_column(sa.Float())
+    iou_gap_adv: Mapped[float | None] = mapped_column(sa.Float())
+    flipped: Mapped[bool | None] = mapped_column(sa.Boolean())
+    fusion_score: Mapped[float | None] = mapped_column(sa.Float())
+    decision_score: Mapped[float | None] = mapped_column(sa.Float())
+    tau: Mapped[float | None] = mapped_column(sa.Float())
+    suspected_false_negative: Mapped[bool] = mapped_column(
+        sa.Boolean(), default=False, server_default=sa.false()
+    )
+    params: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    overlay_path: Mapped[str | None] = mapped_column(sa.Text())
+    worker_host: Mapped[str | None] = mapped_column(sa.String())
+    delivery_count: Mapped[int] = mapped_column(sa.Integer(), default=1, server_default="1")
+    duplicate_count: Mapped[int] = mapped_column(sa.Integer(), default=0, server_default="0")
+    decode_ms: Mapped[float | None] = mapped_column(sa.Float())
+    score_ms: Mapped[float | None] = mapped_column(sa.Float())
+    total_ms: Mapped[float | None] = mapped_column(sa.Float())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=sa.func.now())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=sa.func.now())
+
+
+class Review(Base):
+    """A reviewer's verdict on a flagged inspection.
+
+    Rows are history: a later verdict for the same ``inspection_id`` supersedes earlier ones
+    (the latest by ``created_at``, then ``id``), and none is ever deleted.
+    """
+
+    __tablename__ = "reviews"
+    __table_args__ = (sa.CheckConstraint(_in("verdict", VERDICTS), name="verdict"),)
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    inspection_id: Mapped[str] = mapped_column(
+        sa.String(),
+        sa.ForeignKey("inspections.inspection_id", ondelete="CASCADE"),
+        index=True,
+    )
+    verdict: Mapped[str] = mapped_column(sa.String())
+    reviewer: Mapped[str | None] = mapped_column(sa.String())
+    note: Mapped[str | None] = mapped_column(sa.Text())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=sa.func.now())
+
+
+#: Columns that hold an audit's *result* (replaced when a late success beats an error).
+AUDIT_KEY_COLUMNS = ("inspection_id", "model_version", "method")
+AUDIT_RESULT_COLUMNS = (
+    "status",
+    "error",
+    "p_defect",
+    "energy",
+    "iou_defect",
+    "iou_ok",
+    "iou_gap",
+    "p_defect_adv",
+    "iou_defect_adv",
+    "iou_ok_adv",
+    "iou_gap_adv",
+    "flipped",
+    "fusion_score",
+    "decision_score",
+    "tau",
+    "suspected_false_negative",
+    "params",
+    "overlay_path",
+    "worker_host",
+    "decode_ms",
+    "score_ms",
+    "total_ms",
+)
+
+# --- the review_queue view (created by migration 0001) -------------------------------------
+_view_metadata = sa.MetaData()
+
+#: Typed description of the ``review_queue`` view, for ``select()``.
+review_queue_view = sa.Table(
+    "review_queue",
+    _view_metadata,
+    sa.Column("audit_id", sa.BigInteger()),
+    sa.Column("inspection_id", sa.String()),
+    sa.Column("image_ref", sa.Text()),
+    sa.Column("line", sa.String()),
+    sa.Column("station", sa.String()),
+    sa.Column("captured_at", UTCDateTime()),
+    sa.Column("prediction", sa.String()),
+    sa.Column("score", sa.Float()),
+    sa.Column("model_version", sa.String()),
+    sa.Column("method", sa.String()),
+    sa.Column("decision_score", sa.Float()),
+    sa.Column("tau", sa.Float()),
+    sa.Column("p_defect", sa.Float()),
+    sa.Column("p_defect_adv", sa.Float()),
+    sa.Column("iou_gap", sa.Float()),
+    sa.Column("iou_gap_adv", sa.Float()),
+    sa.Column("flipped", sa.Boolean()),
+    sa.Column("overlay_path", sa.Text()),
+    sa.Column("audited_at", UTCDateTime()),
+)
+
+__all__ = [
+    "AUDIT_KEY_COLUMNS",
+    "AUDIT_RESULT_COLUMNS",
+    "AUDIT_STATUSES",
+    "NAMING_CONVENTION",
+    "PREDICTIONS",
+    "VERDICTS",
+    "Audit",
+    "Base",
+    "Inspection",
+    "Review",
+    "UTCDateTime",
+    "review_queue_view",
+]
