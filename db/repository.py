@@ -1,0 +1,253 @@
+"""The queries of inspection-audit: idempotent writes for the worker, reads for the CLI.
+
+Writes use ``INSERT … ON CONFLICT`` of the session's dialect (PostgreSQL or SQLite), so that
+at-least-once delivery yields exactly one row per key even with concurrent writers (DESIGN §6).
+Functions take a :class:`~sqlalchemy.orm.Session` and never commit: the caller owns the
+transaction (see :func:`db.session.session_scope`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from db.models import (
+    AUDIT_KEY_COLUMNS,
+    AUDIT_RESULT_COLUMNS,
+    AUDIT_STATUSES,
+    PREDICTIONS,
+    VERDICTS,
+    Audit,
+    Inspection,
+    Review,
+    review_queue_view,
+)
+
+_AUDIT_WRITABLE = frozenset((*AUDIT_KEY_COLUMNS, *AUDIT_RESULT_COLUMNS, "delivery_count"))
+
+
+def _insert_for(session: Session) -> Callable[[Any], Any]:
+    """``insert()`` of the session's dialect (the one that knows ``on_conflict_*``)."""
+    name = session.get_bind().dialect.name
+    if name == "postgresql":
+        return postgresql.insert
+    if name == "sqlite":
+        return sqlite.insert
+    raise NotImplementedError(f"inspection-audit supports PostgreSQL and SQLite, not {name!r}")
+
+
+def upsert_inspection(
+    session: Session,
+    *,
+    inspection_id: str,
+    image_ref: str,
+    line: str | None,
+    station: str | None,
+    captured_at: datetime,
+    prediction: str,
+    score: float,
+    expected_model_version: str | None = None,
+    received_at: datetime | None = None,
+) -> None:
+    """Store the line's record of one inspection, once: a second call for the same id is a no-op.
+
+    ``INSERT … ON CONFLICT (inspection_id) DO NOTHING``: the first delivery's values win.
+    ``captured_at`` should be timezone-aware (a naive value is taken as UTC); ``received_at``
+    defaults to the database's clock. Raises ``ValueError`` for a ``prediction`` other than
+    ``ok``/``defect`` or a ``score`` outside [0, 1], ``NotImplementedError`` for a dialect other
+    than PostgreSQL/SQLite.
+    """
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+    if not 0.0 <= float(score) <= 1.0:
+        raise ValueError(f"score must be a probability in [0, 1], got {score!r}")
+    values: dict[str, Any] = {
+        "inspection_id": inspection_id,
+        "image_ref": image_ref,
+        "line": line,
+        "station": station,
+        "captured_at": captured_at,
+        "prediction": prediction,
+        "score": float(score),
+        "expected_model_version": expected_model_version,
+    }
+    if received_at is not None:
+        values["received_at"] = received_at
+    stmt = _insert_for(session)(Inspection.__table__).values(values)
+    session.execute(stmt.on_conflict_do_nothing(index_elements=["inspection_id"]))
+
+
+def upsert_audit(session: Session, row: dict[str, Any]) -> bool:
+    """Write one audit result idempotently; return True if it was new, False if it existed.
+
+    ``row`` maps column names of ``audits`` to values; it must hold ``inspection_id``,
+    ``model_version``, ``method`` and ``status`` (``done``/``error``) and may hold any result
+    column, ``delivery_count``, but not ``id``/``duplicate_count``/timestamps. A matching
+    :func:`upsert_inspection` must have run first (foreign key). A ``suspected_false_negative``
+    of None is stored as False.
+
+    On a conflict on (``inspection_id``, ``model_version``, ``method``) the existing row gets
+    ``duplicate_count + 1``, ``updated_at = now`` and the larger ``delivery_count``; its
+    result columns are replaced only when it has status ``error`` and ``row`` has status
+    ``done`` (a late success beats an error; a success is never overwritten). One statement,
+    ``INSERT … ON CONFLICT DO UPDATE … RETURNING duplicate_count``, decides, so concurrent
+    writers of one key end with one row.
+
+    Raises ``ValueError`` for a missing key, an unknown column or a bad status, and
+    ``sqlalchemy.exc.IntegrityError`` when the inspection row is missing.
+    """
+    unknown = set(row) - _AUDIT_WRITABLE
+    if unknown:
+        raise ValueError(f"not writable audit columns: {sorted(unknown)}")
+    missing = [k for k in (*AUDIT_KEY_COLUMNS, "status") if row.get(k) is None]
+    if missing:
+        raise ValueError(f"audit row lacks {missing}")
+    if row["status"] not in AUDIT_STATUSES:
+        raise ValueError(f"status must be one of {AUDIT_STATUSES}, got {row['status']!r}")
+    values = dict(row)
+    if values.get("suspected_false_negative") is None:
+        values["suspected_false_negative"] = False
+    if values.get("delivery_count") is None:
+        values["delivery_count"] = 1
+
+    table = Audit.__table__
+    stmt = _insert_for(session)(table).values(values)
+    new = stmt.excluded
+    replace = sa.and_(table.c.status == "error", new.status == "done")
+    set_: dict[str, Any] = {
+        name: sa.case((replace, new[name]), else_=table.c[name]) for name in AUDIT_RESULT_COLUMNS
+    }
+    set_["duplicate_count"] = table.c.duplicate_count + 1
+    set_["delivery_count"] = sa.case(
+        (new.delivery_count > table.c.delivery_count, new.delivery_count),
+        else_=table.c.delivery_count,
+    )
+    set_["updated_at"] = sa.func.now()
+    stmt = stmt.on_conflict_do_update(index_elements=list(AUDIT_KEY_COLUMNS), set_=set_)
+    duplicate_count = session.execute(stmt.returning(table.c.duplicate_count)).scalar_one()
+    return bool(duplicate_count == 0)
+
+
+def get_audit(
+    session: Session, inspection_id: str, model_version: str, method: str
+) -> dict[str, Any] | None:
+    """Return the audit row for one key as a dict of its columns, or None when there is none."""
+    table = Audit.__table__
+    result = session.execute(
+        sa.select(table).where(
+            table.c.inspection_id == inspection_id,
+            table.c.model_version == model_version,
+            table.c.method == method,
+        )
+    )
+    found = result.mappings().one_or_none()
+    return dict(found) if found is not None else None
+
+
+def review_queue(session: Session, limit: int | None = 50) -> list[dict[str, Any]]:
+    """Return the suspected false negatives awaiting review, most suspicious first.
+
+    Rows of the ``review_queue`` view (status ``done``, flagged, no verdict yet for the
+    inspection) as dicts, ordered by ``decision_score`` descending, then ``captured_at``,
+    ``inspection_id``, ``model_version`` and ``method``; at most ``limit`` (None: all).
+    Raises ``ValueError`` for a negative limit and ``sqlalchemy.exc`` errors when the database
+    is not migrated.
+    """
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    v = review_queue_view.c
+    stmt = sa.select(review_queue_view).order_by(
+        v.decision_score.desc().nulls_last(),
+        v.captured_at,
+        v.inspection_id,
+        v.model_version,
+        v.method,
+    )
+    if limit is not None:
+        stmt = stmt.limit(limit)
+    return [dict(r) for r in session.execute(stmt).mappings()]
+
+
+def record_verdict(
+    session: Session,
+    inspection_id: str,
+    verdict: str,
+    reviewer: str | None = None,
+    note: str | None = None,
+) -> int:
+    """Record a reviewer's verdict on an inspection; return the new review's id.
+
+    ``verdict`` is ``confirmed_defect`` or ``cleared``. Earlier verdicts stay as history; the
+    latest one is the inspection's verdict (:func:`latest_verdict`). Any verdict removes the
+    inspection from the review queue. Raises ``ValueError`` for another verdict and
+    ``LookupError`` when no inspection has that id.
+    """
+    if verdict not in VERDICTS:
+        raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
+    exists = session.execute(
+        sa.select(Inspection.inspection_id).where(Inspection.inspection_id == inspection_id)
+    ).first()
+    if exists is None:
+        raise LookupError(f"no inspection with inspection_id {inspection_id!r}")
+    review = Review(inspection_id=inspection_id, verdict=verdict, reviewer=reviewer, note=note)
+    session.add(review)
+    session.flush()
+    return review.id
+
+
+def latest_verdict(session: Session, inspection_id: str) -> dict[str, Any] | None:
+    """Return the inspection's current verdict (the newest review) as a dict, or None."""
+    table = Review.__table__
+    found = (
+        session.execute(
+            sa.select(table)
+            .where(table.c.inspection_id == inspection_id)
+            .order_by(table.c.created_at.desc(), table.c.id.desc())
+            .limit(1)
+        )
+        .mappings()
+        .first()
+    )
+    return dict(found) if found is not None else None
+
+
+def audit_summary(session: Session) -> dict[str, int]:
+    """Count what the audit produced.
+
+    Keys: ``inspections`` (rows in inspections), ``audited`` (audit rows), ``done``,
+    ``error``, ``flagged`` (done and suspected false negative), ``duplicates`` (sum of
+    ``duplicate_count``: deliveries that found their row already written), ``reviewed``
+    (inspections with a verdict) and ``pending_review`` (rows in the review queue).
+    """
+    a = Audit.__table__.c
+    audited, done, error, flagged, duplicates = session.execute(
+        sa.select(
+            sa.func.count(),
+            sa.func.count().filter(a.status == "done"),
+            sa.func.count().filter(a.status == "error"),
+            sa.func.count().filter(sa.and_(a.status == "done", a.suspected_false_negative)),
+            sa.func.coalesce(sa.func.sum(a.duplicate_count), 0),
+        ).select_from(Audit.__table__)
+    ).one()
+    inspections = session.execute(sa.select(sa.func.count()).select_from(Inspection)).scalar_one()
+    reviewed = session.execute(
+        sa.select(sa.func.count(sa.distinct(Review.inspection_id)))
+    ).scalar_one()
+    pending = session.execute(
+        sa.select(sa.func.count()).select_from(review_queue_view)
+    ).scalar_one()
+    return {
+        "inspections": int(inspections),
+        "audited": int(audited),
+        "done": int(done),
+        "error": int(error),
+        "flagged": int(flagged),
+        "duplicates": int(duplicates),
+        "reviewed": int(reviewed),
+        "pending_review": int(pending),
+    }
