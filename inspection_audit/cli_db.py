@@ -1,0 +1,200 @@
+"""CLI of the database: ``db upgrade|downgrade|current`` and ``review [verdict]``.
+
+Every command takes ``--url``; the default is the configured database
+(``INSPECTION_AUDIT_DATABASE_URL``, else the SQLite file under ``INSPECTION_AUDIT_HOME``).
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+from datetime import datetime
+from typing import Any
+
+import click
+
+VERDICT_ALIASES = {"confirmed": "confirmed_defect", "cleared": "cleared"}
+
+_url_option = click.option(
+    "--url",
+    default=None,
+    metavar="URL",
+    help="SQLAlchemy database URL (default: the configured INSPECTION_AUDIT_DATABASE_URL).",
+)
+
+
+def _resolve_url(url: str | None) -> str:
+    if url:
+        return url
+    from inspection_audit.settings import get_settings
+
+    return get_settings().resolved_database_url
+
+
+def _safe(url: str) -> str:
+    """The URL with its password masked, for messages."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _not_migrated(url: str, exc: Exception) -> click.ClickException:
+    return click.ClickException(
+        f"cannot read the review queue of {_safe(url)} ({type(exc).__name__}); "
+        "is the database migrated? Run `inspection-audit db upgrade`."
+    )
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+    return str(value)
+
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"review queue: {len(rows)} suspected false negative(s)")
+    for header, justify in (
+        ("#", "right"),
+        ("inspection_id", "left"),
+        ("line/station", "left"),
+        ("captured_at", "left"),
+        ("method", "left"),
+        ("score", "right"),
+        ("tau", "right"),
+        ("p_defect", "right"),
+        ("iou_gap", "right"),
+        ("iou_gap_adv", "right"),
+        ("overlay", "left"),
+    ):
+        table.add_column(header, justify=justify)  # type: ignore[arg-type]
+    for n, r in enumerate(rows, 1):
+        table.add_row(
+            str(n),
+            r["inspection_id"],
+            f"{_fmt(r['line'])}/{_fmt(r['station'])}",
+            _fmt(r["captured_at"]),
+            f"{r['method']}@{r['model_version']}",
+            _fmt(r["decision_score"]),
+            _fmt(r["tau"]),
+            _fmt(r["p_defect"]),
+            _fmt(r["iou_gap"]),
+            _fmt(r["iou_gap_adv"]),
+            _fmt(r["overlay_path"]),
+        )
+    Console().print(table)
+
+
+def register(main: click.Group) -> None:
+    """Attach ``db`` and ``review`` to the ``inspection-audit`` command group."""
+
+    @main.group("db")
+    def db_group() -> None:
+        """Create, migrate and inspect the audit database schema."""
+
+    @db_group.command("upgrade")
+    @click.option("--to", "rev", default="head", show_default=True, help="Target revision.")
+    @_url_option
+    def db_upgrade(rev: str, url: str | None) -> None:
+        """Migrate the database up to the newest (or the given) revision."""
+        from db.migrate import current, upgrade
+
+        url = _resolve_url(url)
+        upgrade(url, rev)
+        click.echo(f"{_safe(url)}: at revision {current(url)}")
+
+    @db_group.command("downgrade")
+    @click.option("--to", "rev", default="base", show_default=True, help="Target revision.")
+    @_url_option
+    def db_downgrade(rev: str, url: str | None) -> None:
+        """Migrate the database down (default: to base, which drops every table)."""
+        from db.migrate import current, downgrade
+
+        url = _resolve_url(url)
+        downgrade(url, rev)
+        click.echo(f"{_safe(url)}: at revision {current(url) or 'base'}")
+
+    @db_group.command("current")
+    @_url_option
+    def db_current(url: str | None) -> None:
+        """Print the revision the database is at (`none` when never migrated)."""
+        from db.migrate import current, head
+
+        url = _resolve_url(url)
+        rev = current(url)
+        suffix = " (head)" if rev is not None and rev == head() else ""
+        click.echo(f"{rev or 'none'}{suffix}")
+
+    @main.group("review", invoke_without_command=True)
+    @click.option("--limit", default=50, show_default=True, type=click.IntRange(min=0))
+    @click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
+    @_url_option
+    @click.pass_context
+    def review(ctx: click.Context, limit: int, as_json: bool, url: str | None) -> None:
+        """Show suspected false negatives awaiting a verdict, most suspicious first."""
+        ctx.ensure_object(dict)
+        ctx.obj["url"] = url
+        if ctx.invoked_subcommand is not None:
+            return
+        import sqlalchemy as sa
+
+        from db.repository import review_queue
+        from db.session import session_scope
+
+        resolved = _resolve_url(url)
+        try:
+            with session_scope(resolved) as session:
+                rows = review_queue(session, limit=limit)
+        except (sa.exc.OperationalError, sa.exc.ProgrammingError) as exc:
+            raise _not_migrated(resolved, exc) from exc
+        if as_json:
+            click.echo(json.dumps([{k: _jsonable(v) for k, v in r.items()} for r in rows]))
+        else:
+            _print_table(rows)
+
+    @review.command("verdict")
+    @click.argument("inspection_id")
+    @click.argument("verdict", type=click.Choice(sorted(VERDICT_ALIASES)))
+    @click.option("--note", default=None, help="Free text kept with the verdict.")
+    @click.option("--reviewer", default=None, help="Who decided (default: the current user name).")
+    @_url_option
+    @click.pass_context
+    def review_verdict(
+        ctx: click.Context,
+        inspection_id: str,
+        verdict: str,
+        note: str | None,
+        reviewer: str | None,
+        url: str | None,
+    ) -> None:
+        """Record a verdict: `confirmed` (a real defect, an escape) or `cleared` (a good part)."""
+        from db.repository import record_verdict
+        from db.session import session_scope
+
+        resolved = _resolve_url(url or (ctx.obj or {}).get("url"))
+        if reviewer is None:
+            try:
+                reviewer = getpass.getuser()
+            except Exception:  # no user name in this environment
+                reviewer = None
+        stored = VERDICT_ALIASES[verdict]
+        try:
+            with session_scope(resolved) as session:
+                review_id = record_verdict(
+                    session, inspection_id, stored, reviewer=reviewer, note=note
+                )
+        except LookupError as exc:
+            raise click.ClickException(str(exc.args[0])) from exc
+        click.echo(f"recorded {stored} for {inspection_id} (review #{review_id})")
