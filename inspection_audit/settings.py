@@ -12,10 +12,10 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DecisionMethod = Literal["msp", "energy", "iou_gap", "iou_gap_adv", "fusion"]
 
@@ -42,7 +42,7 @@ class Settings(BaseSettings):
         "Default: SQLite file under home.",
     )
     model: Path | None = Field(default=None, description="Checkpoint the workers audit with.")
-    image_roots: list[Path] = Field(
+    image_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
         description="Folders an image path in a message must lie under (comma-separated).",
     )
@@ -105,7 +105,12 @@ class Settings(BaseSettings):
     @classmethod
     def _split_roots(cls, value: object) -> object:
         if isinstance(value, str):
-            return [p for p in value.split(",") if p.strip()]
+            value = value.strip()
+            if value.startswith("["):
+                import json
+
+                return json.loads(value)
+            return [p.strip() for p in value.split(",") if p.strip()]
         return value
 
     # --- derived -------------------------------------------------------------------------------

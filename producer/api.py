@@ -142,7 +142,7 @@ def _wire_path(resolved: Path, roots: list[Path]) -> str:
 
 
 def _check_path_image(msg: InspectionMessage, settings: Settings) -> InspectionMessage:
-    from worker.preprocess import ImageError, resolve_under_roots  # torch; see report
+    from worker.images import ImageError, resolve_under_roots
 
     given = msg.image_path or ""
 

@@ -286,7 +286,7 @@ class InspectionMessage(BaseModel):
                 [("image_path", "reading a path needs the image roots (pass roots=...)")],
                 inspection_id=self.inspection_id,
             )
-        from worker.preprocess import ImageError, resolve_under_roots
+        from worker.images import ImageError, resolve_under_roots
 
         path = resolve_under_roots(self.image_path or "", roots)
         try:
