@@ -57,7 +57,9 @@ def read_manifest(manifest: str | Path, split: str | None = None) -> list[Record
         reader = csv.DictReader(fh)
         need = {"path", "label", "split"}
         if reader.fieldnames is None or not need <= set(reader.fieldnames):
-            raise ManifestError(f"{manifest}: needs columns {sorted(need)}, has {reader.fieldnames}")
+            raise ManifestError(
+                f"{manifest}: needs columns {sorted(need)}, has {reader.fieldnames}"
+            )
         for i, row in enumerate(reader, start=2):
             label, sp = row["label"].strip(), row["split"].strip()
             if label not in LABELS:

@@ -1,0 +1,288 @@
+"""Commands of the reliability engine: train, calibrate, evaluate, sweep."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+MANIFEST = click.option(
+    "--manifest",
+    type=click.Path(path_type=Path, exists=True),
+    required=True,
+    help="manifest.csv (path,label,defect_type,mask_path,split) or its folder.",
+)
+
+
+def engine_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Options of :class:`worker.engine.EngineConfig` plus the explained layer."""
+    opts = [
+        click.option(
+            "--attack",
+            type=click.Choice(["none", "fgsm", "pgd"]),
+            default="fgsm",
+            show_default=True,
+        ),
+        click.option(
+            "--epsilon",
+            type=float,
+            default=2 / 255,
+            show_default=True,
+            help="ε in [0,1] pixel units.",
+        ),
+        click.option("--pgd-steps", type=int, default=5, show_default=True),
+        click.option(
+            "--binarize",
+            type=click.Choice(["threshold", "otsu", "topk"]),
+            default="threshold",
+            show_default=True,
+        ),
+        click.option("--theta", type=float, default=0.5, show_default=True),
+        click.option("--topk", type=float, default=0.2, show_default=True),
+        click.option(
+            "--agnostic", type=click.Choice(["eigen", "mean"]), default="eigen", show_default=True
+        ),
+        click.option(
+            "--iou", type=click.Choice(["binary", "soft"]), default="binary", show_default=True
+        ),
+        click.option("--layer", default=None, help="Target layer (default: the checkpoint's)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _config(kw: dict[str, Any]) -> Any:
+    from worker.engine import EngineConfig
+
+    return EngineConfig(
+        attack=kw["attack"],
+        epsilon=kw["epsilon"],
+        pgd_steps=kw["pgd_steps"],
+        binarize=kw["binarize"],
+        theta=kw["theta"],
+        topk=kw["topk"],
+        agnostic=kw["agnostic"],
+        iou=kw["iou"],
+    )
+
+
+def _threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n or os.cpu_count() or 1)
+
+
+def _recipe_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    opts = [
+        click.option("--arch", default="resnet18", show_default=True),
+        click.option("--image-size", default=160, show_default=True, type=int),
+        click.option("--epochs", default=30, show_default=True, type=int),
+        click.option("--batch-size", default=32, show_default=True, type=int),
+        click.option("--lr", default=2e-3, show_default=True, type=float),
+        click.option("--seed", default=0, show_default=True, type=int),
+        click.option(
+            "--in-channels", default="1", show_default=True, type=click.Choice(["1", "3"])
+        ),
+        click.option(
+            "--head",
+            default="softmax",
+            show_default=True,
+            type=click.Choice(["softmax", "sigmoid"]),
+            help="softmax: 2 logits; sigmoid: 1 logit.",
+        ),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _recipe(kw: dict[str, Any]) -> Any:
+    from worker.training import Recipe
+
+    return Recipe(
+        arch=kw["arch"],
+        image_size=kw["image_size"],
+        in_channels=int(kw["in_channels"]),
+        num_classes=2 if kw["head"] == "softmax" else 1,
+        epochs=kw["epochs"],
+        batch_size=kw["batch_size"],
+        lr=kw["lr"],
+        seed=kw["seed"],
+    )
+
+
+@click.command()
+@MANIFEST
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Checkpoint to write.")
+@_recipe_options
+@click.option(
+    "--snapshot-epochs", default="", help="Also save checkpoints after these epochs, e.g. 4,8."
+)
+@click.option("--threads", default=0, type=int, help="torch threads (0 = all cores).")
+def train(manifest: Path, out: Path, snapshot_epochs: str, threads: int, **kw: Any) -> None:
+    """Train a production model on the `train` split, keeping the best epoch on `val`."""
+    from worker.dataset import read_manifest
+    from worker.training import train_model
+
+    _threads(threads)
+    snaps = tuple(int(s) for s in snapshot_epochs.split(",") if s.strip())
+    res = train_model(
+        read_manifest(manifest, "train"),
+        read_manifest(manifest, "val"),
+        out,
+        _recipe(kw),
+        snapshot_epochs=snaps,
+    )
+    click.echo(
+        f"wrote {out} (model_version {res.model_version}, best epoch {res.best_epoch}, "
+        f"{res.seconds:.0f} s)"
+    )
+    click.echo(
+        f"val accuracy {res.val_accuracy:.4f}  val defect recall {res.val_defect_recall:.4f}"
+    )
+
+
+@click.command()
+@MANIFEST
+@click.option("--model", type=click.Path(path_type=Path, exists=True), required=True)
+@click.option(
+    "--split", default="val", show_default=True, type=click.Choice(["train", "val", "test"])
+)
+@click.option("--target-recall", default=1.0, show_default=True, type=float)
+@engine_options
+@click.option("--threads", default=0, type=int)
+def calibrate(
+    manifest: Path, model: Path, split: str, target_recall: float, threads: int, **kw: Any
+) -> None:
+    """Pick τ for every method on a labelled split; store it next to the checkpoint."""
+    from worker.engine.calibration import sidecar_path
+    from worker.evaluation import calibrate_checkpoint
+
+    _threads(threads)
+    cal = calibrate_checkpoint(
+        manifest,
+        model,
+        split=split,
+        target_recall=target_recall,
+        config=_config(kw),
+        layer=kw["layer"],
+    )
+    click.echo(
+        f"wrote {sidecar_path(model)} (model_version {cal.model_version}, split {split}, "
+        f"target FN recall {target_recall})"
+    )
+    for m, v in cal.methods.items():
+        rate = "–" if v.get("tn_flag_rate") is None else f"{100 * v['tn_flag_rate']:.1f} %"
+        click.echo(
+            f"  {m:12s} τ = {v['tau']:.4f}   positives {v['n_positives']:3d} ({v['positives']})   "
+            f"TN flagged on {split}: {rate}"
+        )
+
+
+@click.command()
+@MANIFEST
+@click.option("--model", type=click.Path(path_type=Path, exists=True), default=None)
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option("--split", default="test", show_default=True)
+@click.option("--calibration-split", default="val", show_default=True)
+@click.option(
+    "--folds", default=0, type=int, help="K ≥ 2: train K models, score every image out of fold."
+)
+@click.option("--target-recall", default=1.0, show_default=True, type=float)
+@click.option(
+    "--decision-method",
+    default="iou_gap_adv",
+    show_default=True,
+    type=click.Choice(["msp", "energy", "iou_gap", "iou_gap_adv", "fusion"]),
+)
+@click.option("--bootstrap", default=1000, show_default=True, type=int)
+@engine_options
+@_recipe_options
+@click.option("--threads", default=0, type=int)
+def evaluate(
+    manifest: Path,
+    model: Path | None,
+    out: Path,
+    split: str,
+    calibration_split: str,
+    folds: int,
+    target_recall: float,
+    decision_method: str,
+    bootstrap: int,
+    threads: int,
+    **kw: Any,
+) -> None:
+    """Evaluate every scoring method (DESIGN §4); write metrics.json, report.md, roc.png, overlays."""
+    from worker.evaluation import evaluate as run
+
+    _threads(threads)
+    if model is None and folds < 2:
+        raise click.UsageError("give --model CKPT, or --folds K (K ≥ 2) to train K models")
+    command = "inspection-audit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    metrics = run(
+        manifest,
+        out,
+        model=model,
+        split=split,
+        calibration_split=calibration_split,
+        folds=folds,
+        recipe=_recipe(kw),
+        config=_config(kw),
+        layer=kw["layer"],
+        target_recall=target_recall,
+        decision_method=decision_method,
+        n_boot=bootstrap,
+        command=command,
+        seed=kw["seed"],
+    )
+    c = metrics["counts"]
+    click.echo(
+        f"{c['n_images']} images, accuracy {100 * c['accuracy']:.1f} %, predicted ok {c['n_predicted_ok']}: "
+        f"{c['n_false_negative']} false negatives, {c['n_true_negative']} true negatives"
+    )
+    for m, v in metrics["methods"].items():
+        au = "–" if v["auroc"] is None else f"{v['auroc']:.3f}"
+        full = (
+            "–"
+            if v["tn_flag_rate_at_full_recall"] is None
+            else f"{100 * v['tn_flag_rate_at_full_recall']:.1f} %"
+        )
+        click.echo(f"  {m:12s} AUROC {au}   TN flagged at 100 % FN recall {full}")
+    click.echo(f"wrote {out}/metrics.json, report.md, roc.png")
+
+
+@click.command()
+@MANIFEST
+@click.option("--model", type=click.Path(path_type=Path, exists=True), required=True)
+@click.option("--split", default="val", show_default=True)
+@click.option(
+    "--out", type=click.Path(path_type=Path), required=True, help="JSON file of the results."
+)
+@click.option("--threads", default=0, type=int)
+def sweep(manifest: Path, model: Path, split: str, out: Path, threads: int) -> None:
+    """Compare engine variants (layer, map, binarisation, IoU, attack) on one split (use `val`)."""
+    from worker.sweep import run_sweep
+
+    _threads(threads)
+    results = run_sweep(manifest, model, split)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    best = results["ranking"][:10]
+    for r in best:
+        click.echo(
+            f"{r['variant']:70s} AUROC {r['auroc']:.3f}  TN@100% {100 * r['tn_flag_rate_at_full_recall']:.1f} %"
+        )
+    click.echo(f"wrote {out}")
+
+
+def register(main: click.Group) -> None:
+    """Attach this module's commands to the ``inspection-audit`` group."""
+    for cmd in (train, calibrate, evaluate, sweep):
+        main.add_command(cmd)
