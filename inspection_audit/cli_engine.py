@@ -88,6 +88,9 @@ def _recipe_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--lr", default=2e-3, show_default=True, type=float),
         click.option("--seed", default=0, show_default=True, type=int),
         click.option(
+            "--augment", default="basic", show_default=True, type=click.Choice(["basic", "affine", "none"])
+        ),
+        click.option(
             "--in-channels", default="1", show_default=True, type=click.Choice(["1", "3"])
         ),
         click.option(
@@ -115,6 +118,7 @@ def _recipe(kw: dict[str, Any]) -> Any:
         batch_size=kw["batch_size"],
         lr=kw["lr"],
         seed=kw["seed"],
+        augment=kw["augment"],
     )
 
 
@@ -241,6 +245,7 @@ def evaluate(
         n_boot=bootstrap,
         command=command,
         seed=kw["seed"],
+        augment=kw["augment"],
     )
     c = metrics["counts"]
     click.echo(

@@ -37,7 +37,7 @@ class Recipe:
     weight_decay: float = 5e-4
     class_weighting: bool = True
     seed: int = 0
-    augment: str = "flip+affine(rot10,scale0.9-1.1,shift0.05)+jitter0.15"
+    augment: str = "basic"  # basic: flips, rot90, jitter 0.1; affine: + rotation/scale/shift
 
 
 @dataclass
@@ -50,24 +50,43 @@ class TrainResult:
     history: list[dict[str, float]]
 
 
-def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random flips, small affine and brightness/contrast jitter on ``float32[B, C, H, W]`` in [0, 1]."""
+def augment(x: torch.Tensor, gen: torch.Generator, mode: str = "basic") -> torch.Tensor:
+    """Random augmentation of ``float32[B, C, H, W]`` in [0, 1] for surface inspection.
+
+    ``basic``: horizontal/vertical flips, a random multiple of 90° rotation (square inputs),
+    brightness/contrast jitter ±10 %. Geometry is exact (no resampling), so thin cracks and
+    small blowholes stay sharp. ``affine`` adds a small random rotation (±10°), scale
+    (0.9–1.1) and shift (±5 %) by bilinear resampling, and jitter ±15 %.
+
+    Raises:
+        ValueError: unknown mode.
+    """
+    if mode not in ("basic", "affine", "none"):
+        raise ValueError(f"unknown augmentation {mode!r}; use basic, affine or none")
+    if mode == "none":
+        return x
     b = x.shape[0]
     flip_h = torch.rand(b, generator=gen) < 0.5
     flip_v = torch.rand(b, generator=gen) < 0.5
     x = torch.where(flip_h.view(b, 1, 1, 1), x.flip(-1), x)
     x = torch.where(flip_v.view(b, 1, 1, 1), x.flip(-2), x)
-    angle = (torch.rand(b, generator=gen) * 2 - 1) * math.radians(10)
-    scale = 1.0 + (torch.rand(b, generator=gen) * 2 - 1) * 0.1
-    shift = (torch.rand(b, 2, generator=gen) * 2 - 1) * 0.05
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack(
-        [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
-    )
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-    brightness = 1.0 + (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * 0.15
-    contrast = 1.0 + (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * 0.15
+    if x.shape[-1] == x.shape[-2]:
+        rot = torch.rand(b, generator=gen) < 0.5
+        x = torch.where(rot.view(b, 1, 1, 1), x.transpose(-1, -2), x)
+    amount = 0.1
+    if mode == "affine":
+        amount = 0.15
+        angle = (torch.rand(b, generator=gen) * 2 - 1) * math.radians(10)
+        scale = 1.0 + (torch.rand(b, generator=gen) * 2 - 1) * 0.1
+        shift = (torch.rand(b, 2, generator=gen) * 2 - 1) * 0.05
+        cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+        theta = torch.stack(
+            [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
+        )
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    brightness = 1.0 + (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * amount
+    contrast = 1.0 + (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * amount
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     return ((x - mean) * contrast + mean * brightness).clamp(0.0, 1.0)
 
@@ -163,7 +182,7 @@ def train_model(
                 idx = perm[i : i + recipe.batch_size]
                 if len(idx) < 2:  # BatchNorm needs more than one sample
                     continue
-                xb, yb = augment(x_tr[idx], gen), y_tr[idx]
+                xb, yb = augment(x_tr[idx], gen, recipe.augment), y_tr[idx]
                 z = model(xb)
                 if recipe.num_classes == 1:
                     loss = F.binary_cross_entropy_with_logits(
