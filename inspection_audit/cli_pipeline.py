@@ -315,3 +315,7 @@ def enqueue(
 def register(main: click.Group) -> None:
     """Attach this module's commands to the ``inspection-audit`` group."""
     main.add_command(enqueue)
+    # worker and demo live in cli_worker.py / cli_demo.py (the worker side of the pipeline).
+    from inspection_audit.cli_worker import register as register_worker
+
+    register_worker(main)

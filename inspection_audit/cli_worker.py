@@ -1,0 +1,194 @@
+"""``inspection-audit worker``: start a Celery worker that audits the queue.
+
+Registered into the CLI by :mod:`inspection_audit.cli_pipeline` (``register``). The checkpoint
+and its calibration sidecar are validated here, in the main process, on the CPU, before Celery
+starts: a missing or wrong checkpoint stops the worker with one clear line and exit code 2.
+Each pool process then loads its own copy lazily (:mod:`worker.runtime`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+LOG_FORMAT = "[%(asctime)s %(levelname)s %(processName)s/%(process)d] %(name)s: %(message)s"
+
+EXIT_CONFIG = 2
+
+
+def _fail(message: str) -> None:
+    one_line = " ".join(message.split())
+    click.echo(f"inspection-audit worker: cannot start: {one_line}", err=True)
+    sys.exit(EXIT_CONFIG)
+
+
+def _set_env(name: str, value: object | None) -> None:
+    if value is not None:
+        os.environ[f"INSPECTION_AUDIT_{name}"] = str(value)
+
+
+def check_database(url: str) -> str | None:
+    """``None`` when the database at ``url`` is migrated to head; otherwise why not.
+
+    An unreachable database is not a reason to refuse to start (workers retry); it is logged.
+    """
+    from db.migrate import current, head
+    from db.session import dispose_engines
+
+    log = logging.getLogger("inspection_audit.worker")
+    try:
+        rev, want = current(url), head()
+    except Exception as exc:
+        log.warning("database not reachable yet (%s: %s); starting anyway", type(exc).__name__, exc)
+        return None
+    finally:
+        dispose_engines()
+    if rev != want:
+        from sqlalchemy.engine import make_url
+
+        safe = make_url(url).render_as_string(hide_password=True)
+        return (
+            f"database {safe} is at revision {rev or 'none'}, this worker needs {want}: "
+            "run `inspection-audit db upgrade`"
+        )
+    return None
+
+
+@click.command("worker")
+@click.option(
+    "--concurrency",
+    "-c",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Pool processes (CPU). Default: 1. Ignored with --device cuda (one process per GPU).",
+)
+@click.option(
+    "--queues", "-Q", default=None, help="Comma-separated queues to consume. Default: the setting."
+)
+@click.option(
+    "--device",
+    type=click.Choice(["cpu", "cuda", "auto"]),
+    default=None,
+    help="cpu: prefork pool; cuda: solo pool, one process per GPU; auto: cuda when available.",
+)
+@click.option("--loglevel", "-l", default="info", show_default=True)
+@click.option("--hostname", "-n", default=None, help="Celery node name, e.g. w1@%h.")
+@click.option(
+    "--model",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Checkpoint to audit with (default: INSPECTION_AUDIT_MODEL).",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Micro-batch size B.")
+@click.option(
+    "--batch-wait-ms", type=click.IntRange(min=0), default=None, help="Micro-batch wait T (ms)."
+)
+def worker(
+    concurrency: int | None,
+    queues: str | None,
+    device: str | None,
+    loglevel: str,
+    hostname: str | None,
+    model: Path | None,
+    batch_size: int | None,
+    batch_wait_ms: int | None,
+) -> None:
+    """Start a worker: scores queued inspections and writes one audit row per image."""
+    from inspection_audit.settings import get_settings, pin_threads
+
+    level = getattr(logging, loglevel.upper(), None)
+    if not isinstance(level, int):
+        raise click.BadParameter(f"unknown log level {loglevel!r}", param_hint="--loglevel")
+    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr, force=True)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    log = logging.getLogger("inspection_audit.worker")
+
+    _set_env("MODEL", model.resolve() if model is not None else None)
+    _set_env("DEVICE", device)
+    _set_env("BATCH_SIZE", batch_size)
+    _set_env("BATCH_WAIT_MS", batch_wait_ms)
+    get_settings.cache_clear()
+    try:
+        settings = get_settings()
+    except Exception as exc:  # pydantic ValidationError: a bad INSPECTION_AUDIT_* value
+        _fail(f"bad settings: {exc}")
+
+    # Pool and device. CUDA does not survive fork: one solo-pool process per GPU.
+    if settings.device == "auto":
+        import torch
+
+        resolved = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        resolved = settings.device
+    if resolved == "cuda":
+        pool, n = "solo", 1
+        if concurrency not in (None, 1):
+            log.warning(
+                "--device cuda runs one solo-pool process per GPU; ignoring -c %d", concurrency
+            )
+    else:
+        pool, n = "prefork", concurrency or 1
+    _set_env("DEVICE", resolved)
+    get_settings.cache_clear()
+    settings = get_settings()
+
+    # Threads: the env vars are inherited by the pool processes (pinned again after the fork).
+    pin_threads(settings.torch_threads)
+
+    from worker.runtime import RuntimeConfigError, validate
+
+    if resolved == "cuda":
+        try:
+            from worker.runtime import resolve_device
+
+            resolve_device("cuda")
+        except RuntimeConfigError as exc:
+            _fail(str(exc))
+    try:
+        summary = validate(settings)
+    except RuntimeConfigError as exc:
+        _fail(str(exc))
+    problem = check_database(settings.resolved_database_url)
+    if problem:
+        _fail(problem)
+    log.info("%s", summary.describe())
+    log.info(
+        "device %s, pool %s x %d, batch %d / %d ms, prefetch %d per process",
+        resolved,
+        pool,
+        n,
+        settings.batch_size,
+        settings.batch_wait_ms,
+        max(settings.prefetch_multiplier, settings.batch_size),
+    )
+
+    from celery.utils.nodenames import default_nodename, host_format
+
+    from worker.tasks import app
+
+    w = app.Worker(
+        hostname=host_format(default_nodename(hostname)),
+        pool_cls=pool,
+        concurrency=n,
+        queues=queues or settings.queue,
+        loglevel=level,
+        optimization="fair",
+        without_gossip=True,
+        without_mingle=True,
+        without_heartbeat=True,
+        quiet=True,
+    )
+    w.start()
+    sys.exit(w.exitcode or 0)
+
+
+def register(group: click.Group) -> None:
+    """Attach ``worker`` and ``demo`` to the ``inspection-audit`` group."""
+    from inspection_audit.cli_demo import demo
+
+    group.add_command(worker)
+    group.add_command(demo)

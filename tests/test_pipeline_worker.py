@@ -1,0 +1,231 @@
+"""A real worker subprocess on Redis: micro-batching, hostile input, lost workers, the cap.
+
+Each test starts one worker (``-c 1``, prefork) on a private Redis queue.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from inspection_audit.settings import Settings
+from tests.fixtures_models import tiny_checkpoint
+from tests.pipeline_utils import (
+    audit_rows,
+    make_images,
+    start_worker,
+    stop_workers,
+    wait_ready,
+    wait_rows,
+    worker_env,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def _msg(iid: str, image_path: str, prediction: str = "ok") -> dict[str, Any]:
+    return {
+        "inspection_id": iid,
+        "image_path": image_path,
+        "prediction": prediction,
+        "score": 0.2,
+        "line": "L1",
+        "station": "S1",
+        "captured_at": datetime.now(UTC).isoformat(),
+    }
+
+
+def _env(tmp_path: Path, qs: Settings, url: str, ckpt: Path, **extra: Any) -> dict[str, str]:
+    return worker_env(
+        {
+            "broker_url": qs.broker_url,
+            "queue": qs.queue,
+            "database_url": url,
+            "model": ckpt,
+            "image_roots": tmp_path / "img",
+            "home": tmp_path / "home",
+            "torch_threads": 1,
+            **extra,
+        }
+    )
+
+
+def _send_raw(qs: Settings, payloads: list[Any]) -> None:
+    """Send task messages as a careless or hostile producer would: no validation at all."""
+    from worker.celery_app import TASK_NAME, make_celery
+
+    app = make_celery(qs)
+    try:
+        for p in payloads:
+            app.send_task(TASK_NAME, args=[p], queue=qs.queue, serializer="json")
+    finally:
+        app.close()
+
+
+def test_micro_batches_of_b(
+    tmp_path: Path, migrated_sqlite_url: str, queue_settings: Settings
+) -> None:
+    """B=4, T large, 8 messages waiting before the worker starts: two engine calls of 4."""
+    from producer.api import enqueue_many, reset_apps
+
+    images = make_images(tmp_path / "img", 8)
+    ckpt = tiny_checkpoint(tmp_path, size=(48, 48))
+    qs = queue_settings.model_copy(update={"image_roots": [tmp_path / "img"]})
+    ids = enqueue_many([_msg(f"mb-{i}", p.name) for i, p in enumerate(images)], settings=qs)
+    reset_apps()
+    env = _env(
+        tmp_path, queue_settings, migrated_sqlite_url, ckpt, batch_size=4, batch_wait_ms=60_000
+    )
+    w = start_worker(env, "mb", tmp_path)
+    try:
+        wait_ready([w])
+        rows = wait_rows(migrated_sqlite_url, ids, [w], timeout=60)
+    finally:
+        stop_workers([w])
+    assert sorted(r["inspection_id"] for r in rows) == sorted(ids)  # one row each
+    assert all(r["status"] == "done" for r in rows)
+    assert [r["params"]["batch_size"] for r in rows] == [4] * 8
+    sizes = [int(n) for n in re.findall(r"scored a batch of (\d+) image", w.text())]
+    assert sizes == [4, 4], w.tail()
+
+
+def test_hostile_input_becomes_error_rows(
+    tmp_path: Path, migrated_sqlite_url: str, queue_settings: Settings
+) -> None:
+    """Missing file, non-image, path outside the roots, bad fields: error rows; the rest done."""
+    img = tmp_path / "img"
+    good = make_images(img, 3)
+    (img / "notes.png").write_text("this is not an image\n")
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(good[0].read_bytes())
+    (img / "escape.png").symlink_to(outside)
+    ckpt = tiny_checkpoint(tmp_path, size=(48, 48))
+    payloads: list[Any] = [
+        _msg("h-good-0", good[0].name),
+        _msg("h-missing", "does-not-exist.png"),
+        _msg("h-notimage", "notes.png"),
+        _msg("h-outside", "../outside.png"),
+        _msg("h-abs-outside", str(outside)),
+        _msg("h-symlink", "escape.png"),
+        {**_msg("h-badscore", good[1].name), "score": 7.5},
+        {**_msg("h-sha", good[1].name), "image_sha256": "0" * 64},
+        {"no_id": True},  # nothing to record it under: logged and acknowledged
+        _msg("h-good-1", good[1].name),
+        _msg("h-defect", good[2].name, prediction="defect"),
+    ]
+    _send_raw(queue_settings, payloads)
+    env = _env(tmp_path, queue_settings, migrated_sqlite_url, ckpt, batch_size=4, batch_wait_ms=100)
+    w = start_worker(env, "hostile", tmp_path)
+    ids = [p["inspection_id"] for p in payloads if "inspection_id" in p]
+    try:
+        wait_ready([w])
+        rows = {r["inspection_id"]: r for r in wait_rows(migrated_sqlite_url, ids, [w], timeout=60)}
+        # the message without an id is acknowledged, not redelivered forever
+        deadline = time.monotonic() + 10
+        while "dropping message" not in w.text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        stop_workers([w])
+    assert len(rows) == len(ids)
+    expect = {
+        "h-missing": "image file not found",
+        "h-notimage": "not a recognised image format",
+        "h-outside": "outside the configured image roots",
+        "h-abs-outside": "outside the configured image roots",
+        "h-symlink": "outside the configured image roots",
+        "h-badscore": "score",
+        "h-sha": "do not match image_sha256",
+    }
+    for iid, text in expect.items():
+        assert rows[iid]["status"] == "error", (iid, rows[iid])
+        assert text in rows[iid]["error"], (iid, rows[iid]["error"])
+        assert rows[iid]["suspected_false_negative"] is False
+    for iid in ("h-good-0", "h-good-1"):
+        assert rows[iid]["status"] == "done" and rows[iid]["iou_gap_adv"] is not None
+    cheap = rows["h-defect"]
+    assert cheap["status"] == "done" and cheap["p_defect"] is not None
+    assert cheap["iou_gap"] is None and cheap["suspected_false_negative"] is False
+    assert "dropping message" in w.text()
+    assert w.proc.returncode is not None
+
+
+def test_lost_worker_requeues_and_cap_gives_up(
+    tmp_path: Path, migrated_pg_url: str, queue_settings: Settings
+) -> None:
+    """Kill the pool process while it waits to write: the batch is redelivered and scored
+    once more; an inspection lost more than ``max_redeliveries`` times gets an error row."""
+    import os
+    import signal
+
+    import sqlalchemy as sa
+
+    from db.deliveries import DeliveryAttempt, delivery_attempts, record_deliveries
+    from db.session import make_engine, session_scope
+    from producer.api import enqueue_many, reset_apps
+    from worker.checkpoint import load_checkpoint
+
+    images = make_images(tmp_path / "img", 2)
+    ckpt = tiny_checkpoint(tmp_path, size=(48, 48))
+    version = load_checkpoint(ckpt).model_version
+    method = "iou_gap_adv"
+    # "lost-b" was lost once before this test (its count says so).
+    with session_scope(migrated_pg_url) as s:
+        record_deliveries(s, [("lost-b", version, method)])
+    env = _env(
+        tmp_path,
+        queue_settings,
+        migrated_pg_url,
+        ckpt,
+        batch_size=2,
+        batch_wait_ms=100,
+        max_redeliveries=1,
+    )
+    w = start_worker(env, "lost", tmp_path)
+    locker = make_engine(migrated_pg_url).connect()
+    try:
+        wait_ready([w])
+        tx = locker.begin()
+        locker.exec_driver_sql("LOCK TABLE audits IN EXCLUSIVE MODE")
+        ids = enqueue_many(
+            [_msg("lost-a", images[0].name), _msg("lost-b", images[1].name)],
+            settings=queue_settings.model_copy(update={"image_roots": [tmp_path / "img"]}),
+        )
+        reset_apps()
+        # Wait until the batch was counted and the writer is blocked on our lock.
+        deadline = time.monotonic() + 60
+        pid = None
+        while time.monotonic() < deadline:
+            with session_scope(migrated_pg_url) as s:
+                host = s.execute(
+                    sa.select(DeliveryAttempt.last_worker).where(
+                        DeliveryAttempt.inspection_id == "lost-a"
+                    )
+                ).scalar_one_or_none()
+                waiting = s.execute(
+                    sa.text("SELECT count(*) FROM pg_locks WHERE NOT granted")
+                ).scalar_one()
+            if host and waiting:
+                pid = int(host.rsplit(":", 1)[1])
+                break
+            time.sleep(0.2)
+        assert pid is not None, f"the worker never blocked on the write:\n{w.tail()}"
+        os.kill(pid, signal.SIGKILL)  # the pool process this worker forked
+        time.sleep(0.5)
+        tx.rollback()
+        rows = {r["inspection_id"]: r for r in wait_rows(migrated_pg_url, ids, [w], timeout=90)}
+    finally:
+        locker.close()
+        stop_workers([w])
+    assert "lost (WorkerLostError: Worker exited prematurely" in w.text(), w.tail()
+    a, b = rows["lost-a"], rows["lost-b"]
+    assert a["status"] == "done" and a["delivery_count"] == 2
+    assert b["status"] == "error" and b["delivery_count"] == 3
+    assert b["error"] == "worker lost 2 times while scoring this image; giving up"
+    assert len(audit_rows(migrated_pg_url, ids)) == 2
+    with session_scope(migrated_pg_url) as s:
+        assert delivery_attempts(s, ("lost-a", version, method)) == 2

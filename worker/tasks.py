@@ -1,0 +1,723 @@
+"""The audit task: receive -> decode -> score (micro-batched) -> one row per inspection.
+
+Micro-batching (``Settings.batch_size`` = B, ``Settings.batch_wait_ms`` = T) uses
+``celery-batches``: the worker's consumer buffers received messages and hands up to B of them
+to one pool process at once (or whatever arrived when the T timer fires); that process decodes
+them, scores them in one engine call and writes their rows in one transaction.
+
+Acknowledgement (DESIGN §6): every message is acknowledged late, by the worker's main process,
+only after the pool process has *returned*, i.e. after the rows are committed.
+``celery_batches.Batches.flush`` acks every request when the pool job returns and does nothing
+when the job fails, so a batch whose process died (``WorkerLostError``) would sit unacked in
+the worker, blocking the prefetch window, until a restart or the visibility timeout.
+:class:`AuditBatches` replaces ``flush`` so that
+
+* the job's result says which requests to acknowledge and which to put back on the queue
+  (``{"requeue": [request ids]}``): a database that stays down after the retries puts back
+  only the messages whose rows were not written;
+* a failed job (process lost, terminated, or an unexpected exception) puts all its messages
+  back at once (``reject(requeue=True)``), like ``task_reject_on_worker_lost``.
+
+Redelivery cap (DESIGN §7): requeueing has no limit, so each delivery is counted in
+``delivery_attempts`` (:mod:`db.deliveries`) in its own committed transaction before scoring.
+An inspection whose previous deliveries were lost more than ``Settings.max_redeliveries`` times
+gets an ``error`` row "worker lost N times while scoring this image; giving up". Redelivered
+images are scored one at a time, after the fresh ones are committed, so an image that kills its
+process cannot take its batch-mates down with it more than once.
+
+One failure never loses the others: a bad message, an unreadable or hostile image and a scoring
+failure each become an ``error`` row for that image only; database faults
+(``OperationalError``, ``InterfaceError``, invalidated connections) are retried with exponential
+backoff (``Settings.task_max_retries``, capped at ``Settings.retry_backoff_max_s``), inside the
+pool process, without crashing the worker.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import logging
+import math
+import os
+import random
+import re
+import signal
+import time
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from celery import signals
+from celery_batches import Batches, SimpleRequest
+from celery_batches.trace import apply_batches_task
+
+from inspection_audit.settings import Settings, get_settings
+from worker.celery_app import TASK_NAME, make_celery
+
+if TYPE_CHECKING:
+    import torch
+
+    from producer.schema import InspectionMessage
+    from worker.runtime import Runtime
+
+log = logging.getLogger("inspection_audit.worker")
+
+settings: Settings = get_settings()
+app = make_celery(settings)
+
+#: pid of the process that imported this module first: the worker's main process (the pool
+#: processes are forked from it and inherit the value).
+MAIN_PID = os.getpid()
+
+Key = tuple[str, str, str]
+T = TypeVar("T")
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
+
+
+# --- acknowledgement ------------------------------------------------------------------------------
+class AuditBatches(Batches):
+    """``celery_batches.Batches`` whose acks follow the outcome of each request (see module doc)."""
+
+    abstract = True
+
+    def flush(self, requests: Collection[Any]) -> Any:
+        requests = list(requests)
+        early = [r for r in requests if not r.task.acks_late]
+        late = [r for r in requests if r.task.acks_late]
+        serializable = ([SimpleRequest.from_request(r) for r in requests],)
+
+        def on_accepted(pid: int, time_accepted: float) -> None:
+            for req in early:
+                req.acknowledge()
+
+        def on_return(result: Any) -> None:
+            if isinstance(result, dict) and isinstance(result.get("requeue"), list):
+                requeue = set(result["requeue"])
+            else:  # the job raised (logged by celery_batches): put everything back
+                requeue = {r.id for r in late}
+            for req in late:
+                if req.id in requeue:
+                    req.reject(requeue=True)
+                else:
+                    req.acknowledge()
+            if requeue:
+                log.warning("requeued %d of %d message(s)", len(requeue), len(late))
+
+        def on_error(exc_info: Any) -> None:
+            exc = getattr(exc_info, "exception", exc_info)
+            exc = getattr(exc, "exc", exc)  # billiard's ExceptionWithTraceback wrapper
+            log.error(
+                "batch of %d lost (%s: %s); requeueing its messages",
+                len(late),
+                type(exc).__name__,
+                _one_line(exc),
+            )
+            for req in late:
+                req.reject(requeue=True)
+
+        return self._pool.apply_async(
+            apply_batches_task,
+            (self, serializable, 0, None),
+            accept_callback=on_accepted,
+            callback=on_return,
+            error_callback=on_error,
+        )
+
+
+# --- database retries ---------------------------------------------------------------------------------
+class DatabaseUnavailable(RuntimeError):
+    """The database kept failing after every retry."""
+
+
+def is_transient_db_error(exc: BaseException) -> bool:
+    """A database fault worth retrying: lost connection, server down, lock timeout."""
+    from sqlalchemy import exc as sa_exc
+
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(
+        exc, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)
+    ) or (isinstance(exc, sa_exc.DBAPIError) and isinstance(exc.orig, ConnectionError))
+
+
+def backoff_delays(retries: int, cap_s: float, base_s: float = 0.5) -> list[float]:
+    """Exponential backoff with full jitter: ``uniform(0.5, 1) × min(cap, base·2^i)``."""
+    return [min(cap_s, base_s * 2**i) * random.uniform(0.5, 1.0) for i in range(retries)]
+
+
+def with_db_retries(fn: Callable[[], T], what: str, s: Settings | None = None) -> T:
+    """Run ``fn`` (one whole transaction), retrying transient database faults with backoff.
+
+    Raises:
+        DatabaseUnavailable: still failing after ``task_max_retries`` retries.
+        Exception: a non-transient error from ``fn``, unchanged.
+    """
+    s = s or settings
+    delays = backoff_delays(s.task_max_retries, float(s.retry_backoff_max_s))
+    for attempt in range(len(delays) + 1):
+        try:
+            return fn()
+        except Exception as exc:
+            if not is_transient_db_error(exc):
+                raise
+            if attempt == len(delays):
+                raise DatabaseUnavailable(
+                    f"{what}: database still failing after {len(delays)} retries: "
+                    f"{type(exc).__name__}: {_one_line(exc)}"
+                ) from exc
+            delay = delays[attempt]
+            log.warning(
+                "%s: database fault (%s: %s); retry %d/%d in %.1f s",
+                what,
+                type(exc).__name__,
+                _one_line(exc),
+                attempt + 1,
+                len(delays),
+                delay,
+            )
+            time.sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _one_line(exc: BaseException, limit: int = 500) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --- one batch ---------------------------------------------------------------------------------------
+@dataclass(eq=False)
+class Item:
+    """One received message on its way to its audit row."""
+
+    request_id: str
+    payload: Any
+    msg: InspectionMessage | None = None
+    inspection: dict[str, Any] | None = None  # upsert_inspection kwargs
+    key: Key | None = None
+    attempts: int = 1
+    duplicate: bool = False
+    error: str | None = None
+    x: torch.Tensor | None = None
+    decode_ms: float | None = None
+    row: dict[str, Any] | None = None
+    written: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _payload_of(req: Any) -> Any:
+    args, kwargs = list(req.args or ()), dict(req.kwargs or {})
+    if len(args) == 1 and not kwargs:
+        return args[0]
+    if not args and set(kwargs) == {"message"}:
+        return kwargs["message"]
+    return _BadCall(
+        f"the audit task takes one message (got {len(args)} args, kwargs {sorted(kwargs)})"
+    )
+
+
+@dataclass
+class _BadCall:
+    reason: str
+
+
+def _placeholder_inspection(payload: Any, iid: str) -> dict[str, Any]:
+    """Inspection fields for an invalid message: what is valid, placeholders for the rest."""
+    p = payload if isinstance(payload, dict) else {}
+    pred = p.get("prediction") if p.get("prediction") in ("ok", "defect") else "ok"
+    score = p.get("score")
+    ok_score = (
+        isinstance(score, (int, float))
+        and not isinstance(score, bool)
+        and math.isfinite(score)
+        and 0 <= score <= 1
+    )
+    captured = datetime.now(UTC)
+    if isinstance(p.get("captured_at"), str):
+        try:
+            parsed = datetime.fromisoformat(p["captured_at"])
+            if parsed.tzinfo is not None:
+                captured = parsed
+        except ValueError:
+            pass
+    ref = p.get("image_path") if isinstance(p.get("image_path"), str) else "<inline>"
+
+    def short(v: Any) -> str | None:
+        return v[:64] if isinstance(v, str) and v.strip() else None
+
+    return {
+        "inspection_id": iid,
+        "image_ref": ref[:4096],
+        "line": short(p.get("line")),
+        "station": short(p.get("station")),
+        "captured_at": captured,
+        "prediction": pred,
+        "score": float(score) if ok_score else 0.0,
+        "expected_model_version": short(p.get("model_version")),
+    }
+
+
+def _inspection_of(msg: InspectionMessage) -> dict[str, Any]:
+    return {
+        "inspection_id": msg.inspection_id,
+        "image_ref": msg.image_path if msg.image_path is not None else "<inline>",
+        "line": msg.line,
+        "station": msg.station,
+        "captured_at": msg.captured_at,
+        "prediction": msg.prediction,
+        "score": msg.score,
+        "expected_model_version": msg.model_version,
+    }
+
+
+def _limits(s: Settings) -> Any:
+    from worker.preprocess import ImageLimits
+
+    return ImageLimits(
+        max_bytes=s.max_image_bytes,
+        max_pixels=s.max_image_pixels,
+        min_side=s.min_image_side,
+        max_aspect_ratio=s.max_aspect_ratio,
+    )
+
+
+def _image_bytes(msg: InspectionMessage, s: Settings) -> bytes:
+    """The encoded image of a message: inline bytes, or a file confined to the image roots.
+
+    Raises:
+        worker.preprocess.ImageError: outside the roots, missing, not a file, empty, too big,
+            or not matching ``image_sha256``.
+    """
+    from worker.preprocess import ImageError, read_image_bytes, resolve_under_roots
+
+    limits = _limits(s)
+    if msg.image_b64 is not None:
+        data = base64.b64decode(msg.image_b64)
+        if len(data) > s.max_inline_bytes:
+            raise ImageError(
+                f"inline image is {len(data)} bytes, over the limit of {s.max_inline_bytes}"
+            )
+    else:
+        path = resolve_under_roots(msg.image_path or "", list(s.image_roots))
+        try:
+            data = read_image_bytes(path, limits)
+        except OSError as exc:
+            raise ImageError(f"cannot read image file {path}: {exc}") from exc
+    if msg.image_sha256 is not None:
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != msg.image_sha256:
+            raise ImageError(
+                f"image bytes do not match image_sha256 (expected {msg.image_sha256[:12]}…, "
+                f"got {digest[:12]}…): the file changed after it was enqueued"
+            )
+    return data
+
+
+def _base_row(item: Item, rt: Runtime, status: str, host: str) -> dict[str, Any]:
+    assert item.key is not None
+    return {
+        "inspection_id": item.key[0],
+        "model_version": item.key[1],
+        "method": item.key[2],
+        "status": status,
+        "worker_host": host,
+        "delivery_count": item.attempts,
+        "decode_ms": item.decode_ms,
+        "params": dict(rt.params),
+    }
+
+
+def _error_row(item: Item, rt: Runtime, host: str, message: str) -> dict[str, Any]:
+    row = _base_row(item, rt, "error", host)
+    row["error"] = message
+    return row
+
+
+class _Batch:
+    """The work of one pool-process call on up to B requests."""
+
+    def __init__(self, requests: list[Any], rt: Runtime, s: Settings) -> None:
+        self.rt = rt
+        self.s = s
+        self.t0 = time.perf_counter()
+        self.host = _worker_host()
+        self.items = [Item(req.id, _payload_of(req)) for req in requests]
+        self.dropped: list[Item] = []
+
+    # 1. parse -------------------------------------------------------------------------------
+    def parse(self) -> None:
+        from producer.schema import MessageError, parse_message
+
+        keep: list[Item] = []
+        for it in self.items:
+            if isinstance(it.payload, _BadCall):
+                log.error("dropping request %s: %s", it.request_id, it.payload.reason)
+                self.dropped.append(it)
+                continue
+            try:
+                it.msg = parse_message(it.payload, self.s)
+                it.inspection = _inspection_of(it.msg)
+                iid = it.msg.inspection_id
+            except MessageError as exc:
+                iid = exc.inspection_id or ""
+                if not _ID_RE.match(iid) or len(iid) > 128:
+                    log.error(
+                        "dropping message %s: %s (no usable inspection_id to record it under)",
+                        it.request_id,
+                        exc,
+                    )
+                    self.dropped.append(it)
+                    continue
+                it.error = str(exc)
+                it.inspection = _placeholder_inspection(it.payload, iid)
+            it.key = (iid, self.rt.model_version, self.rt.method)
+            keep.append(it)
+        self.items = keep
+
+    # 2. count deliveries (own transaction, committed before any scoring) ------------------
+    def count_deliveries(self) -> None:
+        from db.deliveries import done_keys, record_deliveries
+        from db.session import session_scope
+
+        keys = [it.key for it in self.items if it.key is not None]
+        if not keys:
+            return
+
+        def tx() -> tuple[dict[Key, int], set[Key]]:
+            with session_scope(self.s.resolved_database_url) as session:
+                counts = record_deliveries(session, keys, self.host)
+                done = done_keys(session, keys)
+            return counts, done
+
+        counts, done = with_db_retries(tx, "counting deliveries", self.s)
+        cap = self.s.max_redeliveries
+        for it in self.items:
+            assert it.key is not None
+            it.attempts = counts.get(it.key, 1)
+            if it.key in done:
+                it.duplicate = True
+            elif it.error is None and it.attempts - 1 > cap:
+                it.error = (
+                    f"worker lost {it.attempts - 1} times while scoring this image; giving up"
+                )
+                log.error("%s: %s", it.key[0], it.error)
+
+    # 3. decode ----------------------------------------------------------------------------
+    def decode(self) -> None:
+        from worker.preprocess import ImageError, preprocess
+
+        pm = self.rt.pm
+        limits = _limits(self.s)
+        for it in self.items:
+            if it.error is not None or it.duplicate or it.msg is None:
+                continue
+            t = time.perf_counter()
+            try:
+                data = _image_bytes(it.msg, self.s)
+                it.x = preprocess(data, pm.input_size, pm.in_channels, limits)
+            except ImageError as exc:
+                it.error = str(exc)
+            except Exception as exc:  # a decoder bug must not take the batch down
+                it.error = f"cannot decode image: {type(exc).__name__}: {_one_line(exc)}"
+            it.decode_ms = (time.perf_counter() - t) * 1000.0
+            if it.error is not None:
+                log.warning("%s: %s", it.key[0] if it.key else "?", it.error)
+
+    # 4. score -------------------------------------------------------------------------------
+    def _ready(self) -> list[Item]:
+        return [
+            it
+            for it in self.items
+            if it.x is not None and it.error is None and not it.duplicate and it.row is None
+        ]
+
+    def score_cheap(self) -> None:
+        """Images the line called ``defect``: p_defect only (unless score_defect_predictions)."""
+        if self.s.score_defect_predictions:
+            return
+        group = [it for it in self._ready() if it.msg and it.msg.prediction == "defect"]
+        if not group:
+            return
+        import torch
+
+        rt = self.rt
+        t = time.perf_counter()
+        try:
+            x = torch.stack([it.x for it in group]).to(rt.device)
+            with torch.no_grad():
+                z = rt.pm.model(x).float()
+            if z.shape[1] == 1:
+                p = torch.sigmoid(z[:, 0])
+            else:
+                p = torch.softmax(z, dim=1)[:, rt.pm.defect_index]
+            probs = p.cpu().tolist()
+        except Exception as exc:
+            for it in group:
+                it.error = f"scoring failed: {type(exc).__name__}: {_one_line(exc)}"
+            return
+        ms = (time.perf_counter() - t) * 1000.0 / len(group)
+        for it, pd in zip(group, probs, strict=True):
+            row = _base_row(it, rt, "done", self.host)
+            row["params"] = {**row["params"], "batch_size": len(group), "cheap": True}
+            row.update(p_defect=float(pd), score_ms=ms, suspected_false_negative=False)
+            it.row = row
+
+    def score_full(self, group: list[Item]) -> None:
+        """One engine call on ``group``; on failure, each image alone (to isolate the bad one)."""
+        import torch
+
+        rt = self.rt
+        t = time.perf_counter()
+        try:
+            x = torch.stack([it.x for it in group]).to(rt.device)
+            scores = rt.engine.score(x)
+            rows = scores.rows()
+        except Exception as exc:
+            if len(group) > 1:
+                log.warning(
+                    "engine call on %d images failed (%s: %s); scoring them one by one",
+                    len(group),
+                    type(exc).__name__,
+                    _one_line(exc),
+                )
+                for it in group:
+                    self.score_full([it])
+                return
+            group[0].error = f"scoring failed: {type(exc).__name__}: {_one_line(exc)}"
+            log.warning("%s: %s", group[0].key[0] if group[0].key else "?", group[0].error)
+            return
+        elapsed = (time.perf_counter() - t) * 1000.0
+        log.info("scored a batch of %d image(s) in %.0f ms", len(group), elapsed)
+        for i, (it, r) in enumerate(zip(group, rows, strict=True)):
+            decision, tau, flagged, fusion = rt.decide(r)
+            row = _base_row(it, rt, "done", self.host)
+            row["params"] = {**row["params"], "batch_size": len(group)}
+            row.update({k: _finite(v) for k, v in r.items()})
+            row.update(
+                fusion_score=_finite(fusion),
+                decision_score=_finite(decision),
+                tau=tau,
+                suspected_false_negative=bool(flagged),
+                score_ms=elapsed / len(group),
+            )
+            if flagged and self.s.save_overlays:
+                row["overlay_path"] = self._overlay(it, scores.cam_defect[i], decision, tau)
+            it.row = row
+
+    def _overlay(self, it: Item, cam: Any, score: float | None, tau: float | None) -> str | None:
+        from worker.overlay import save_overlay
+
+        assert it.key is not None and it.x is not None
+        iid, version, method = it.key
+        path = result_path(self.s, version, method, iid)
+        title = f"{iid}  {method} {score:.3f} >= tau {tau:.3f}" if score is not None else iid
+        try:
+            return str(save_overlay(it.x, cam, path, title=title))
+        except Exception as exc:  # a full disk must not cost the audit row
+            log.warning("%s: could not save overlay %s: %s", iid, path, exc)
+            return None
+
+    # 5. write -------------------------------------------------------------------------------
+    def rows_to_write(self, items: list[Item]) -> list[Item]:
+        """Fill in the row of each unwritten item of ``items`` (error row if not scored)."""
+        now = time.perf_counter()
+        out = []
+        for it in items:
+            if it.written or it.key is None:
+                continue
+            if it.duplicate:
+                # The row exists and is done: only count the duplicate delivery.
+                it.row = {
+                    "inspection_id": it.key[0],
+                    "model_version": it.key[1],
+                    "method": it.key[2],
+                    "status": "done",
+                    "delivery_count": it.attempts,
+                }
+            elif it.row is None:
+                it.row = _error_row(it, self.rt, self.host, it.error or "not scored (no reason)")
+            if it.row.get("total_ms") is None and not it.duplicate:
+                it.row["total_ms"] = (now - self.t0) * 1000.0
+            out.append(it)
+        return out
+
+    def write(self, items: list[Item]) -> None:
+        """Write ``items`` in one transaction (with retries); per item if that fails hard."""
+        if not items:
+            return
+        try:
+            with_db_retries(lambda: self._write_tx(items), f"writing {len(items)} row(s)", self.s)
+        except DatabaseUnavailable:
+            raise
+        except Exception as exc:
+            if len(items) == 1:
+                self._write_last_resort(items[0], exc)
+                return
+            log.warning(
+                "writing %d rows failed (%s: %s); writing them one by one",
+                len(items),
+                type(exc).__name__,
+                _one_line(exc),
+            )
+            for it in items:
+                self.write([it])
+            return
+        for it in items:
+            it.written = True
+
+    def _write_tx(self, items: list[Item]) -> None:
+        from db.repository import upsert_audit, upsert_inspection
+        from db.session import session_scope
+
+        with session_scope(self.s.resolved_database_url) as session:
+            for it in items:
+                assert it.inspection is not None and it.row is not None
+                upsert_inspection(session, **it.inspection)
+                upsert_audit(session, it.row)
+
+    def _write_last_resort(self, it: Item, exc: Exception) -> None:
+        """A row the database refuses (not a connection fault): record an error row instead."""
+        assert it.key is not None
+        reason = f"audit row could not be stored: {type(exc).__name__}: {_one_line(exc)}"
+        log.error("%s: %s", it.key[0], reason)
+        if it.row is not None and it.row.get("status") == "error" and it.inspection is not None:
+            # Already an error row; the inspection fields themselves may be the problem.
+            it.inspection = _placeholder_inspection({}, it.key[0])
+        it.row = _error_row(it, self.rt, self.host, reason)
+        try:
+            with_db_retries(lambda: self._write_tx([it]), "writing an error row", self.s)
+            it.written = True
+        except DatabaseUnavailable:
+            raise
+        except Exception as exc2:
+            log.error(
+                "%s: giving up on this message, its error row failed too: %s", it.key[0], exc2
+            )
+            it.written = True  # acknowledged: redelivering cannot help
+
+    # the whole thing -------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        try:
+            self.parse()
+            self.count_deliveries()
+            self.decode()
+            self.score_cheap()
+            fresh = [it for it in self._ready() if it.attempts <= 1]
+            for i in range(0, len(fresh), max(1, self.s.batch_size)):
+                self.score_full(fresh[i : i + self.s.batch_size])
+            # Everything but the redelivered images is committed before those are scored.
+            later = [it for it in self._ready() if it.attempts > 1]
+            first = [it for it in self.items if all(it is not o for o in later)]
+            self.write(self.rows_to_write(first))
+            for it in later:
+                self.score_full([it])
+                self.write(self.rows_to_write([it]))
+        except DatabaseUnavailable as exc:
+            log.error("%s; requeueing the messages whose rows are not written", exc)
+        except Exception:
+            # Not a per-image problem (those become error rows): e.g. a database that refuses
+            # the delivery counter. Put the messages back after a pause, the cap still applies.
+            log.exception("batch failed; requeueing the messages whose rows are not written")
+            time.sleep(min(5.0, float(self.s.retry_backoff_max_s)))
+        requeue = [it.request_id for it in self.items if not it.written]
+        done = sum(1 for it in self.items if it.written and it.row and it.row["status"] == "done")
+        errors = sum(
+            1 for it in self.items if it.written and it.row and it.row["status"] == "error"
+        )
+        log.info(
+            "batch of %d message(s): %d done, %d error, %d duplicate, %d dropped, %d requeued "
+            "in %.0f ms",
+            len(self.items) + len(self.dropped),
+            done - sum(1 for it in self.items if it.duplicate and it.written),
+            errors,
+            sum(1 for it in self.items if it.duplicate),
+            len(self.dropped),
+            len(requeue),
+            (time.perf_counter() - self.t0) * 1000.0,
+        )
+        return {"requeue": requeue, "written": len(self.items) - len(requeue)}
+
+
+def _finite(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def _worker_host() -> str:
+    from worker.runtime import worker_host
+
+    return worker_host()
+
+
+def _request_worker_shutdown(reason: str) -> None:
+    """Ask the whole worker to stop (warm shutdown): it cannot score anything."""
+    log.critical("%s; shutting the worker down", reason)
+    target = MAIN_PID if os.getpid() != MAIN_PID else os.getpid()
+    with contextlib.suppress(OSError):  # the main process may be gone already
+        os.kill(target, signal.SIGTERM)
+
+
+def process_requests(requests: Iterable[Any], s: Settings | None = None) -> dict[str, Any]:
+    """Audit a batch of requests; returns ``{"requeue": [request ids to put back], ...}``."""
+    from worker.runtime import RuntimeConfigError, get_runtime
+
+    s = s or settings
+    requests = list(requests)
+    try:
+        rt = get_runtime()
+    except RuntimeConfigError as exc:
+        _request_worker_shutdown(f"cannot load the model in pool process {os.getpid()}: {exc}")
+        return {"requeue": [r.id for r in requests], "written": 0}
+    return _Batch(requests, rt, s).run()
+
+
+@app.task(
+    base=AuditBatches,
+    name=TASK_NAME,
+    bind=True,
+    flush_every=max(1, settings.batch_size),
+    flush_interval=max(settings.batch_wait_ms, 1) / 1000.0,
+    acks_late=True,
+    reject_on_worker_lost=True,
+)
+def audit(self: AuditBatches, requests: list[SimpleRequest]) -> dict[str, Any]:
+    """Audit up to ``batch_size`` inspections (celery-batches hands over the list)."""
+    return process_requests(requests)
+
+
+# --- worker signals --------------------------------------------------------------------------------
+@signals.worker_process_init.connect
+def _on_process_init(**_: Any) -> None:
+    from worker.runtime import init_process
+
+    init_process(settings)
+
+
+@signals.worker_ready.connect
+def _on_ready(sender: Any = None, **_: Any) -> None:
+    log.info(
+        "inspection-audit worker ready: node %s, queue %s, batch %d / %d ms, method %s, "
+        "database %s",
+        getattr(sender, "hostname", "?"),
+        settings.queue,
+        settings.batch_size,
+        settings.batch_wait_ms,
+        settings.decision_method,
+        _safe_url(settings.resolved_database_url),
+    )
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def result_path(s: Settings, model_version: str, method: str, inspection_id: str) -> Path:
+    """Where the overlay PNG of a flagged inspection is written."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", inspection_id) + ".png"
+    return s.resolved_results_dir / "overlays" / model_version / method / name
