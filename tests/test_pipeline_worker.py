@@ -229,3 +229,63 @@ def test_lost_worker_requeues_and_cap_gives_up(
     assert len(audit_rows(migrated_pg_url, ids)) == 2
     with session_scope(migrated_pg_url) as s:
         assert delivery_attempts(s, ("lost-a", version, method)) == 2
+
+
+def test_database_fault_is_retried(
+    tmp_path: Path, migrated_pg_url: str, queue_settings: Settings
+) -> None:
+    """The database refuses connections for a while: the worker retries with backoff, does
+    not crash, and writes the rows once the database is back."""
+    import sqlalchemy as sa
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.pool import NullPool
+
+    from db.session import dispose_engines
+    from producer.api import enqueue_many, reset_apps
+    from tests.fixtures_db import pg_admin_url
+
+    images = make_images(tmp_path / "img", 3)
+    ckpt = tiny_checkpoint(tmp_path, size=(48, 48))
+    env = _env(
+        tmp_path,
+        queue_settings,
+        migrated_pg_url,
+        ckpt,
+        batch_size=4,
+        batch_wait_ms=100,
+        task_max_retries=10,
+        retry_backoff_max_s=2,
+    )
+    name = make_url(migrated_pg_url).database
+    admin = sa.create_engine(pg_admin_url(), isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    w = start_worker(env, "dbfault", tmp_path)
+    try:
+        wait_ready([w])
+        dispose_engines(migrated_pg_url)
+        with admin.connect() as c:
+            c.exec_driver_sql(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+            c.exec_driver_sql(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %(d)s",
+                {"d": name},
+            )
+        qs = queue_settings.model_copy(update={"image_roots": [tmp_path / "img"]})
+        ids = enqueue_many([_msg(f"dbf-{i}", p.name) for i, p in enumerate(images)], settings=qs)
+        reset_apps()
+        deadline = time.monotonic() + 60
+        while "database fault" not in w.text() and time.monotonic() < deadline:
+            assert w.proc.poll() is None, w.tail()
+            time.sleep(0.2)
+        assert "database fault" in w.text(), w.tail()
+        time.sleep(1.5)  # a retry or two more
+    finally:
+        with admin.connect() as c:
+            c.exec_driver_sql(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        admin.dispose()
+    try:
+        rows = wait_rows(migrated_pg_url, ids, [w], timeout=60)
+    finally:
+        stop_workers([w])
+    assert sorted(r["inspection_id"] for r in rows) == sorted(ids)
+    assert all(r["status"] == "done" for r in rows)
+    assert re.search(r"counting deliveries: database fault \(OperationalError", w.text())
+    assert "retry 2/10" in w.text()

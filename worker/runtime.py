@@ -241,6 +241,17 @@ def load_runtime(settings: Settings | None = None) -> Runtime:
         raise RuntimeConfigError(str(exc)) from exc
     for p in pm.model.parameters():
         p.requires_grad_(False)
+    layer = None if cal is None else cal.engine.get("target_layer")
+    if layer and layer != pm.target_layer:
+        # τ was calibrated on maps of another layer: explain that one, as the sidecar says.
+        try:
+            pm.model.backbone.get_submodule(layer)
+        except AttributeError as exc:
+            raise RuntimeConfigError(
+                f"calibration {sidecar_path(path)}: target_layer {layer!r} is not a module "
+                "of the model"
+            ) from exc
+        pm.target_layer = str(layer)
     config = engine_config_for(settings, cal)
     engine = ReliabilityEngine.from_production_model(pm, config)
     params = {
