@@ -150,33 +150,61 @@ BATCH_CONFIGS = [
 ]
 
 
+def _masks_agree_up_to_ties(alone, batch, i: int, cfg: EngineConfig) -> bool:
+    """True when the binarised maps of image ``i`` are identical in both runs.
+
+    The maps themselves agree to ~1e-6 (checked separately), so a mask can only differ at a
+    pixel whose value sits on the threshold: tolerate that (and say so by returning False, so the
+    IoUs — a function of the masks — are not compared), anything else fails.
+    """
+    same = True
+    for name in ("cam_defect", "cam_ok", "cam_agnostic"):
+        va, vb = getattr(alone, name)[0:1], getattr(batch, name)[i : i + 1]
+        ma = binarize(va, cfg.binarize, cfg.theta, cfg.topk)
+        mb = binarize(vb, cfg.binarize, cfg.theta, cfg.topk)
+        diff = ma != mb
+        if not diff.any():
+            continue
+        same = False
+        if cfg.binarize == "threshold":
+            assert ((va[diff] - cfg.theta).abs() <= 1e-5).all(), f"{name}: not a threshold tie"
+        else:
+            assert int(diff.sum()) <= 4, f"{name}: {int(diff.sum())} mask pixels differ"
+    return same
+
+
 @pytest.mark.parametrize("cfg", BATCH_CONFIGS, ids=["fgsm", "autograd-mean-otsu", "pgd-soft"])
 def test_image_alone_equals_image_in_batch(gray_model, cfg):
     x = _rand((8, 1, 64, 64), seed=5)
     engine = _engine(gray_model, **cfg)
     batch = engine.score(x)
     rows = batch.rows()
+    compared_ious = 0
     for i in (0, 3, 7):
         alone = engine.score(x[i : i + 1])
         (row,) = alone.rows()
-        for k in ROW_KEYS:
-            if k == "flipped":
-                assert row[k] == rows[i][k]
-            else:
-                assert row[k] == pytest.approx(rows[i][k], abs=1e-5), k
         for name in ("cam_defect", "cam_ok", "cam_agnostic"):
             torch.testing.assert_close(
                 getattr(alone, name)[0], getattr(batch, name)[i], rtol=0, atol=1e-5
             )
-        torch.testing.assert_close(
-            alone.adv.cam_defect[0], batch.adv.cam_defect[i], rtol=0, atol=1e-5
-        )
+            torch.testing.assert_close(
+                getattr(alone.adv, name)[0], getattr(batch.adv, name)[i], rtol=0, atol=1e-5
+            )
         torch.testing.assert_close(alone.x_adv[0], batch.x_adv[i], rtol=0, atol=1e-6)
+        for k in ("p_defect", "energy", "p_defect_adv"):
+            assert row[k] == pytest.approx(rows[i][k], abs=1e-5), k
+        assert row["flipped"] == rows[i]["flipped"]
+        exact = engine.config.iou == "soft"
+        for scores, suffix in ((alone.clean, ""), (alone.adv, "_adv")):
+            batch_scores = batch.clean if suffix == "" else batch.adv
+            if exact or _masks_agree_up_to_ties(scores, batch_scores, i, engine.config):
+                compared_ious += 1
+                for k in ("iou_defect", "iou_ok", "iou_gap"):
+                    assert row[k + suffix] == pytest.approx(rows[i][k + suffix], abs=1e-5), k
+    assert compared_ious >= 5
     # the comparison is not between trivial numbers
-    assert (
-        len({round(r["iou_gap"], 6) for r in rows}) > 1
-        or len({round(r["p_defect"], 6) for r in rows}) > 1
-    )
+    assert len({round(r["iou_gap"], 6) for r in rows}) > 1
+    assert len({round(r["p_defect"], 6) for r in rows}) > 1
 
 
 # -- robustness -------------------------------------------------------------------------------
@@ -292,9 +320,12 @@ def test_works_under_no_grad_and_with_frozen_parameters(gray_model, cfg):
         froz_no_grad = _engine(frozen, **cfg).score(x)
     for other in (under, froz, froz_no_grad):
         for a, b in zip(ref.rows(), other.rows(), strict=True):
-            assert a == b
-        torch.testing.assert_close(other.cam_defect, ref.cam_defect, rtol=0, atol=0)
-        torch.testing.assert_close(other.x_adv, ref.x_adv, rtol=0, atol=0)
+            assert a["flipped"] == b["flipped"]
+            for k in ROW_KEYS - {"flipped"}:
+                assert a[k] == pytest.approx(b[k], abs=1e-6), k
+        for name in ("cam_defect", "cam_ok", "cam_agnostic"):
+            torch.testing.assert_close(getattr(other, name), getattr(ref, name), rtol=0, atol=1e-6)
+        torch.testing.assert_close(other.x_adv, ref.x_adv, rtol=0, atol=1e-7)
     assert all(p.grad is None for p in gray_model.parameters())
     assert all(p.grad is None for p in frozen.parameters())
     assert all(p.requires_grad for p in gray_model.parameters())
