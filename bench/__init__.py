@@ -1,0 +1,6 @@
+"""Benchmarks of inspection-audit (not part of the installed package; run from the repo root).
+
+* :mod:`bench.throughput`: images/s of inference, the audit (with and without FGSM), the
+  ``pytorch_grad_cam`` equivalent, and end to end through Redis, Celery and PostgreSQL.
+  ``python -m bench.throughput --help``; see ``bench/README.md``.
+"""
