@@ -114,7 +114,10 @@ def build_backbone(arch: str, num_classes: int, in_channels: int) -> nn.Module:
 
 
 def detect_target_layer(backbone: nn.Module) -> str:
-    """The last top-level block that contains a ``Conv2d`` (e.g. ``layer4`` of a ResNet).
+    """The last top-level child that contains a ``Conv2d`` (e.g. ``layer4`` of a ResNet).
+
+    Top-level only: for a model whose last conv-bearing child ends in a 1×1 map (SqueezeNet's
+    ``classifier``) every map is constant; name ``target_layer`` in such a checkpoint.
 
     Raises:
         CheckpointError: the model contains no convolution.
@@ -123,8 +126,6 @@ def detect_target_layer(backbone: nn.Module) -> str:
     for name, child in backbone.named_children():
         if any(isinstance(m, nn.Conv2d) for m in child.modules()):
             last = name
-            # Descend into containers like ``features`` so that e.g. VGG gets a conv block,
-            # not the whole feature stack (the whole stack would still work, just coarser).
     if last is None:
         raise CheckpointError("model has no Conv2d block to explain")
     return last

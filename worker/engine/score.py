@@ -332,11 +332,14 @@ class ReliabilityEngine:
                 train mode.
             worker.engine.cam.CamError: the target layer gave no usable activation.
 
-        Works under a caller's ``torch.no_grad()``; never writes parameters' ``.grad``.
+        Works under a caller's ``torch.no_grad()`` or ``torch.inference_mode()``; never writes
+        parameters' ``.grad``.
         """
         self._validate(x)
         cfg = self.config
-        with torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad():
+            if x.is_inference():  # made under a caller's inference_mode: autograd needs a normal tensor
+                x = x.clone()
             clean, grad_x = self._maps(x, want_input_grad=cfg.attack == "fgsm")
             if cfg.attack == "none":
                 return ReliabilityScores(clean=clean, config=cfg)
