@@ -83,6 +83,12 @@ def check_database(url: str) -> str | None:
     default=None,
     help="Checkpoint to audit with (default: INSPECTION_AUDIT_MODEL).",
 )
+@click.option(
+    "--pool",
+    type=click.Choice(["prefork", "solo"]),
+    default=None,
+    help="Override the pool (default: prefork on cpu, solo on cuda; cuda always runs solo).",
+)
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Micro-batch size B.")
 @click.option(
     "--batch-wait-ms", type=click.IntRange(min=0), default=None, help="Micro-batch wait T (ms)."
@@ -94,6 +100,7 @@ def worker(
     loglevel: str,
     hostname: str | None,
     model: Path | None,
+    pool: str | None,
     batch_size: int | None,
     batch_wait_ms: int | None,
 ) -> None:
@@ -125,11 +132,14 @@ def worker(
     else:
         resolved = settings.device
     if resolved == "cuda":
-        pool, n = "solo", 1
-        if concurrency not in (None, 1):
+        if pool == "prefork" or concurrency not in (None, 1):
             log.warning(
-                "--device cuda runs one solo-pool process per GPU; ignoring -c %d", concurrency
+                "--device cuda runs one solo-pool process per GPU (CUDA does not survive "
+                "fork); ignoring --pool/--concurrency"
             )
+        pool, n = "solo", 1
+    elif pool == "solo":
+        n = 1
     else:
         pool, n = "prefork", concurrency or 1
     _set_env("DEVICE", resolved)

@@ -117,17 +117,22 @@ def test_hostile_input_becomes_error_rows(
         {"no_id": True},  # nothing to record it under: logged and acknowledged
         _msg("h-good-1", good[1].name),
         _msg("h-defect", good[2].name, prediction="defect"),
+        _msg("h-good-0", good[0].name),  # the line sent it twice: still one row
     ]
     _send_raw(queue_settings, payloads)
     env = _env(tmp_path, queue_settings, migrated_sqlite_url, ckpt, batch_size=4, batch_wait_ms=100)
     w = start_worker(env, "hostile", tmp_path)
-    ids = [p["inspection_id"] for p in payloads if "inspection_id" in p]
+    ids = sorted({p["inspection_id"] for p in payloads if "inspection_id" in p})
     try:
         wait_ready([w])
         rows = {r["inspection_id"]: r for r in wait_rows(migrated_sqlite_url, ids, [w], timeout=60)}
         # the message without an id is acknowledged, not redelivered forever
         deadline = time.monotonic() + 10
         while "dropping message" not in w.text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        # the second copy of h-good-0 is counted on its row, not written as another row
+        while audit_rows(migrated_sqlite_url, ["h-good-0"])[0]["duplicate_count"] != 1:
+            assert time.monotonic() < deadline, f"duplicate not counted:\n{w.tail()}"
             time.sleep(0.2)
     finally:
         stop_workers([w])

@@ -42,7 +42,7 @@ def test_overlay_png(tmp_path: Path) -> None:
 
 # --- database faults ----------------------------------------------------------------------------
 def test_transient_classification() -> None:
-    from worker.tasks import is_transient_db_error
+    from worker.runtime import is_transient_db_error
 
     assert is_transient_db_error(sa_exc.OperationalError("SELECT 1", {}, Exception("down")))
     assert is_transient_db_error(sa_exc.InterfaceError("SELECT 1", {}, Exception("closed")))
@@ -53,7 +53,7 @@ def test_transient_classification() -> None:
 
 
 def test_retries_with_backoff_then_succeeds(monkeypatch: pytest.MonkeyPatch) -> None:
-    import worker.tasks as tasks
+    import worker.runtime as tasks
 
     slept: list[float] = []
     monkeypatch.setattr(tasks.time, "sleep", slept.append)
@@ -85,7 +85,7 @@ def test_retries_with_backoff_then_succeeds(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_backoff_is_capped() -> None:
-    from worker.tasks import backoff_delays
+    from worker.runtime import backoff_delays
 
     d = backoff_delays(10, 3.0)
     assert len(d) == 10 and max(d) <= 3.0 and d[-1] >= 1.5

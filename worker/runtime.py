@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from inspection_audit.settings import Settings, get_settings
 
@@ -33,6 +35,8 @@ if TYPE_CHECKING:
     from worker.engine.score import EngineConfig, ReliabilityEngine
 
 log = logging.getLogger("inspection_audit.worker")
+
+T = TypeVar("T")
 
 
 class RuntimeConfigError(RuntimeError):
@@ -311,6 +315,67 @@ def init_process(settings: Settings | None = None) -> None:
     dispose_engines()
     pin_threads(settings.torch_threads)
     reset_runtime()
+
+
+# --- database retries (used by worker.tasks) ------------------------------------------------------------
+class DatabaseUnavailable(RuntimeError):
+    """The database kept failing after every retry."""
+
+
+def is_transient_db_error(exc: BaseException) -> bool:
+    """A database fault worth retrying: lost connection, server down, lock timeout."""
+    from sqlalchemy import exc as sa_exc
+
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(
+        exc, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)
+    ) or (isinstance(exc, sa_exc.DBAPIError) and isinstance(exc.orig, ConnectionError))
+
+
+def backoff_delays(retries: int, cap_s: float, base_s: float = 0.5) -> list[float]:
+    """Exponential backoff with full jitter: ``uniform(0.5, 1) × min(cap, base·2^i)``."""
+    return [min(cap_s, base_s * 2**i) * random.uniform(0.5, 1.0) for i in range(retries)]
+
+
+def with_db_retries(fn: Callable[[], T], what: str, s: Settings | None = None) -> T:
+    """Run ``fn`` (one whole transaction), retrying transient database faults with backoff.
+
+    Raises:
+        DatabaseUnavailable: still failing after ``task_max_retries`` retries.
+        Exception: a non-transient error from ``fn``, unchanged.
+    """
+    s = s or get_settings()
+    delays = backoff_delays(s.task_max_retries, float(s.retry_backoff_max_s))
+    for attempt in range(len(delays) + 1):
+        try:
+            return fn()
+        except Exception as exc:
+            if not is_transient_db_error(exc):
+                raise
+            if attempt == len(delays):
+                raise DatabaseUnavailable(
+                    f"{what}: database still failing after {len(delays)} retries: "
+                    f"{type(exc).__name__}: {one_line(exc)}"
+                ) from exc
+            delay = delays[attempt]
+            log.warning(
+                "%s: database fault (%s: %s); retry %d/%d in %.1f s",
+                what,
+                type(exc).__name__,
+                one_line(exc),
+                attempt + 1,
+                len(delays),
+                delay,
+            )
+            time.sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def one_line(exc: BaseException, limit: int = 500) -> str:
+    """``str(exc)`` on one line, at most ``limit`` characters."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def to_device(x: torch.Tensor, device: str) -> torch.Tensor:

@@ -40,15 +40,15 @@ import hashlib
 import logging
 import math
 import os
-import random
 import re
 import signal
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections import Counter
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from celery import signals
 from celery_batches import Batches, SimpleRequest
@@ -56,6 +56,7 @@ from celery_batches.trace import apply_batches_task
 
 from inspection_audit.settings import Settings, get_settings
 from worker.celery_app import TASK_NAME, make_celery
+from worker.runtime import DatabaseUnavailable, one_line, with_db_retries
 
 if TYPE_CHECKING:
     import torch
@@ -73,7 +74,6 @@ app = make_celery(settings)
 MAIN_PID = os.getpid()
 
 Key = tuple[str, str, str]
-T = TypeVar("T")
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
 
@@ -114,7 +114,7 @@ class AuditBatches(Batches):
                 "batch of %d lost (%s: %s); requeueing its messages",
                 len(late),
                 type(exc).__name__,
-                _one_line(exc),
+                one_line(exc),
             )
             for req in late:
                 req.reject(requeue=True)
@@ -128,66 +128,6 @@ class AuditBatches(Batches):
         )
 
 
-# --- database retries ---------------------------------------------------------------------------------
-class DatabaseUnavailable(RuntimeError):
-    """The database kept failing after every retry."""
-
-
-def is_transient_db_error(exc: BaseException) -> bool:
-    """A database fault worth retrying: lost connection, server down, lock timeout."""
-    from sqlalchemy import exc as sa_exc
-
-    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
-        return True
-    return isinstance(
-        exc, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)
-    ) or (isinstance(exc, sa_exc.DBAPIError) and isinstance(exc.orig, ConnectionError))
-
-
-def backoff_delays(retries: int, cap_s: float, base_s: float = 0.5) -> list[float]:
-    """Exponential backoff with full jitter: ``uniform(0.5, 1) × min(cap, base·2^i)``."""
-    return [min(cap_s, base_s * 2**i) * random.uniform(0.5, 1.0) for i in range(retries)]
-
-
-def with_db_retries(fn: Callable[[], T], what: str, s: Settings | None = None) -> T:
-    """Run ``fn`` (one whole transaction), retrying transient database faults with backoff.
-
-    Raises:
-        DatabaseUnavailable: still failing after ``task_max_retries`` retries.
-        Exception: a non-transient error from ``fn``, unchanged.
-    """
-    s = s or settings
-    delays = backoff_delays(s.task_max_retries, float(s.retry_backoff_max_s))
-    for attempt in range(len(delays) + 1):
-        try:
-            return fn()
-        except Exception as exc:
-            if not is_transient_db_error(exc):
-                raise
-            if attempt == len(delays):
-                raise DatabaseUnavailable(
-                    f"{what}: database still failing after {len(delays)} retries: "
-                    f"{type(exc).__name__}: {_one_line(exc)}"
-                ) from exc
-            delay = delays[attempt]
-            log.warning(
-                "%s: database fault (%s: %s); retry %d/%d in %.1f s",
-                what,
-                type(exc).__name__,
-                _one_line(exc),
-                attempt + 1,
-                len(delays),
-                delay,
-            )
-            time.sleep(delay)
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-def _one_line(exc: BaseException, limit: int = 500) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 # --- one batch ---------------------------------------------------------------------------------------
 @dataclass(eq=False)
 class Item:
@@ -199,7 +139,8 @@ class Item:
     inspection: dict[str, Any] | None = None  # upsert_inspection kwargs
     key: Key | None = None
     attempts: int = 1
-    duplicate: bool = False
+    duplicate: bool = False  # its row is already there and done: only count the delivery
+    duplicate_of: Item | None = None  # the same key earlier in this batch
     error: str | None = None
     x: torch.Tensor | None = None
     decode_ms: float | None = None
@@ -352,6 +293,7 @@ class _Batch:
         from producer.schema import MessageError, parse_message
 
         keep: list[Item] = []
+        seen: dict[Key, Item] = {}
         for it in self.items:
             if isinstance(it.payload, _BadCall):
                 log.error("dropping request %s: %s", it.request_id, it.payload.reason)
@@ -374,6 +316,9 @@ class _Batch:
                 it.error = str(exc)
                 it.inspection = _placeholder_inspection(it.payload, iid)
             it.key = (iid, self.rt.model_version, self.rt.method)
+            first = seen.setdefault(it.key, it)
+            if first is not it:
+                it.duplicate_of = first
             keep.append(it)
         self.items = keep
 
@@ -394,9 +339,14 @@ class _Batch:
 
         counts, done = with_db_retries(tx, "counting deliveries", self.s)
         cap = self.s.max_redeliveries
+        occurrences = Counter(keys)
         for it in self.items:
             assert it.key is not None
-            it.attempts = counts.get(it.key, 1)
+            if it.duplicate_of is not None:
+                it.attempts = counts.get(it.key, 1)
+                continue
+            # Copies of this message in the same batch are not earlier lost deliveries.
+            it.attempts = counts.get(it.key, 1) - (occurrences[it.key] - 1)
             if it.key in done:
                 it.duplicate = True
             elif it.error is None and it.attempts - 1 > cap:
@@ -412,7 +362,7 @@ class _Batch:
         pm = self.rt.pm
         limits = _limits(self.s)
         for it in self.items:
-            if it.error is not None or it.duplicate or it.msg is None:
+            if it.error is not None or it.duplicate or it.duplicate_of or it.msg is None:
                 continue
             t = time.perf_counter()
             try:
@@ -421,7 +371,7 @@ class _Batch:
             except ImageError as exc:
                 it.error = str(exc)
             except Exception as exc:  # a decoder bug must not take the batch down
-                it.error = f"cannot decode image: {type(exc).__name__}: {_one_line(exc)}"
+                it.error = f"cannot decode image: {type(exc).__name__}: {one_line(exc)}"
             it.decode_ms = (time.perf_counter() - t) * 1000.0
             if it.error is not None:
                 log.warning("%s: %s", it.key[0] if it.key else "?", it.error)
@@ -431,7 +381,11 @@ class _Batch:
         return [
             it
             for it in self.items
-            if it.x is not None and it.error is None and not it.duplicate and it.row is None
+            if it.x is not None
+            and it.error is None
+            and not it.duplicate
+            and it.duplicate_of is None
+            and it.row is None
         ]
 
     def score_cheap(self) -> None:
@@ -456,7 +410,7 @@ class _Batch:
             probs = p.cpu().tolist()
         except Exception as exc:
             for it in group:
-                it.error = f"scoring failed: {type(exc).__name__}: {_one_line(exc)}"
+                it.error = f"scoring failed: {type(exc).__name__}: {one_line(exc)}"
             return
         ms = (time.perf_counter() - t) * 1000.0 / len(group)
         for it, pd in zip(group, probs, strict=True):
@@ -481,18 +435,21 @@ class _Batch:
                     "engine call on %d images failed (%s: %s); scoring them one by one",
                     len(group),
                     type(exc).__name__,
-                    _one_line(exc),
+                    one_line(exc),
                 )
                 for it in group:
                     self.score_full([it])
                 return
-            group[0].error = f"scoring failed: {type(exc).__name__}: {_one_line(exc)}"
+            group[0].error = f"scoring failed: {type(exc).__name__}: {one_line(exc)}"
             log.warning("%s: %s", group[0].key[0] if group[0].key else "?", group[0].error)
             return
         elapsed = (time.perf_counter() - t) * 1000.0
         log.info("scored a batch of %d image(s) in %.0f ms", len(group), elapsed)
         for i, (it, r) in enumerate(zip(group, rows, strict=True)):
             decision, tau, flagged, fusion = rt.decide(r)
+            # Only an `ok` call can be a false negative (defect calls are scored in full only
+            # with score_defect_predictions, for the record).
+            flagged = flagged and it.msg is not None and it.msg.prediction == "ok"
             row = _base_row(it, rt, "done", self.host)
             row["params"] = {**row["params"], "batch_size": len(group)}
             row.update({k: _finite(v) for k, v in r.items()})
@@ -528,6 +485,12 @@ class _Batch:
         for it in items:
             if it.written or it.key is None:
                 continue
+            if it.duplicate_of is not None:
+                if it.duplicate_of.row is None:
+                    continue  # written after its original (see run)
+                it.row = {**it.duplicate_of.row, "delivery_count": it.attempts}
+                out.append(it)
+                continue
             if it.duplicate:
                 # The row exists and is done: only count the duplicate delivery.
                 it.row = {
@@ -560,7 +523,7 @@ class _Batch:
                 "writing %d rows failed (%s: %s); writing them one by one",
                 len(items),
                 type(exc).__name__,
-                _one_line(exc),
+                one_line(exc),
             )
             for it in items:
                 self.write([it])
@@ -581,7 +544,7 @@ class _Batch:
     def _write_last_resort(self, it: Item, exc: Exception) -> None:
         """A row the database refuses (not a connection fault): record an error row instead."""
         assert it.key is not None
-        reason = f"audit row could not be stored: {type(exc).__name__}: {_one_line(exc)}"
+        reason = f"audit row could not be stored: {type(exc).__name__}: {one_line(exc)}"
         log.error("%s: %s", it.key[0], reason)
         if it.row is not None and it.row.get("status") == "error" and it.inspection is not None:
             # Already an error row; the inspection fields themselves may be the problem.
@@ -610,11 +573,17 @@ class _Batch:
                 self.score_full(fresh[i : i + self.s.batch_size])
             # Everything but the redelivered images is committed before those are scored.
             later = [it for it in self._ready() if it.attempts > 1]
-            first = [it for it in self.items if all(it is not o for o in later)]
+            copies = [it for it in self.items if it.duplicate_of is not None]
+            first = [
+                it
+                for it in self.items
+                if it.duplicate_of is None and all(it is not o for o in later)
+            ]
             self.write(self.rows_to_write(first))
             for it in later:
                 self.score_full([it])
                 self.write(self.rows_to_write([it]))
+            self.write(self.rows_to_write(copies))
         except DatabaseUnavailable as exc:
             log.error("%s; requeueing the messages whose rows are not written", exc)
         except Exception:
@@ -623,17 +592,17 @@ class _Batch:
             log.exception("batch failed; requeueing the messages whose rows are not written")
             time.sleep(min(5.0, float(self.s.retry_backoff_max_s)))
         requeue = [it.request_id for it in self.items if not it.written]
-        done = sum(1 for it in self.items if it.written and it.row and it.row["status"] == "done")
-        errors = sum(
-            1 for it in self.items if it.written and it.row and it.row["status"] == "error"
-        )
+        dups = [it for it in self.items if it.duplicate or it.duplicate_of is not None]
+        fresh = [
+            it for it in self.items if it.written and it.row and all(it is not d for d in dups)
+        ]
         log.info(
             "batch of %d message(s): %d done, %d error, %d duplicate, %d dropped, %d requeued "
             "in %.0f ms",
             len(self.items) + len(self.dropped),
-            done - sum(1 for it in self.items if it.duplicate and it.written),
-            errors,
-            sum(1 for it in self.items if it.duplicate),
+            sum(1 for it in fresh if it.row and it.row["status"] == "done"),
+            sum(1 for it in fresh if it.row and it.row["status"] == "error"),
+            len(dups),
             len(self.dropped),
             len(requeue),
             (time.perf_counter() - self.t0) * 1000.0,
