@@ -294,3 +294,32 @@ def test_database_fault_is_retried(
     assert all(r["status"] == "done" for r in rows)
     assert re.search(r"counting deliveries: database fault \(OperationalError", w.text())
     assert "retry 2/10" in w.text()
+
+
+def test_warm_shutdown_returns_buffered_messages(
+    tmp_path: Path, migrated_sqlite_url: str, queue_settings: Settings
+) -> None:
+    """Messages waiting in the micro-batch buffer when the worker stops go back to the queue."""
+    from producer.api import enqueue_many, reset_apps
+    from tests.fixtures_queue import redis_queue_length
+
+    images = make_images(tmp_path / "img", 3)
+    ckpt = tiny_checkpoint(tmp_path, size=(48, 48))
+    qs = queue_settings.model_copy(update={"image_roots": [tmp_path / "img"]})
+    env = _env(
+        tmp_path, queue_settings, migrated_sqlite_url, ckpt, batch_size=4, batch_wait_ms=600_000
+    )
+    w = start_worker(env, "buffer", tmp_path)
+    try:
+        wait_ready([w])
+        enqueue_many([_msg(f"buf-{i}", p.name) for i, p in enumerate(images)], settings=qs)
+        reset_apps()
+        deadline = time.monotonic() + 20
+        while redis_queue_length(queue_settings) > 0:  # all three taken into the buffer
+            assert time.monotonic() < deadline, w.tail()
+            time.sleep(0.2)
+    finally:
+        stop_workers([w])
+    assert w.proc.returncode == 0, w.tail()
+    assert audit_rows(migrated_sqlite_url) == []
+    assert redis_queue_length(queue_settings) == 3

@@ -300,7 +300,17 @@ class _Batch:
                 self.dropped.append(it)
                 continue
             try:
-                it.msg = parse_message(it.payload, self.s)
+                try:
+                    it.msg = parse_message(it.payload, self.s)
+                except MessageError:
+                    raise
+                except Exception as exc:  # a validator bug must not loop the message
+                    p = it.payload if isinstance(it.payload, dict) else {}
+                    raw = p.get("inspection_id")
+                    raise MessageError(
+                        [("", f"cannot be parsed: {type(exc).__name__}: {one_line(exc)}")],
+                        inspection_id=raw if isinstance(raw, str) else None,
+                    ) from exc
                 it.inspection = _inspection_of(it.msg)
                 iid = it.msg.inspection_id
             except MessageError as exc:
