@@ -125,9 +125,13 @@ def _ensure_model(
         f"{manifest.parent.name} (cached afterwards as {path})"
     )
     torch.set_num_threads(os.cpu_count() or 1)
+    # Train into a side folder and move into place when done: an interrupted run (which
+    # leaves its best epoch so far) is never mistaken for a finished, cached model.
+    partial = path.parent / ".partial" / path.name
     res = train_model(
-        read_manifest(manifest, "train"), read_manifest(manifest, "val"), path, recipe
+        read_manifest(manifest, "train"), read_manifest(manifest, "val"), partial, recipe
     )
+    partial.replace(path)
     console.print(
         f"trained in {res.seconds:.0f} s: best epoch {res.best_epoch}, val accuracy "
         f"{res.val_accuracy:.3f}, val defect recall {res.val_defect_recall:.3f}"

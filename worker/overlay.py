@@ -61,6 +61,18 @@ def overlay_array(
     return (np.clip(out, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
+def _wrap(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: int) -> list[str]:
+    """Split ``text`` at spaces into lines that fit ``width`` pixels (a long word stays whole)."""
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines or [""]
+
+
 def save_overlay(
     image: torch.Tensor,
     cam: torch.Tensor,
@@ -84,11 +96,14 @@ def save_overlay(
         f = min_side / short
         pic = pic.resize((round(pic.size[0] * f), round(pic.size[1] * f)), Image.BILINEAR)
     if title:
-        canvas = Image.new("RGB", (pic.size[0], pic.size[1] + TITLE_HEIGHT), "white")
-        canvas.paste(pic, (0, TITLE_HEIGHT))
-        draw = ImageDraw.Draw(canvas)
         font = ImageFont.load_default()
-        draw.text((4, 4), title, fill="black", font=font)
+        lines = _wrap(title, font, pic.size[0] - 8)
+        height = TITLE_HEIGHT * len(lines)
+        canvas = Image.new("RGB", (pic.size[0], pic.size[1] + height), "white")
+        canvas.paste(pic, (0, height))
+        draw = ImageDraw.Draw(canvas)
+        for i, line in enumerate(lines):
+            draw.text((4, 4 + i * TITLE_HEIGHT), line, fill="black", font=font)
         pic = canvas
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
