@@ -86,9 +86,15 @@ def _recipe_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--epochs", default=30, show_default=True, type=int),
         click.option("--batch-size", default=32, show_default=True, type=int),
         click.option("--lr", default=2e-3, show_default=True, type=float),
+        click.option(
+            "--optimizer", default="adamw", show_default=True, type=click.Choice(["adamw", "sgd"])
+        ),
         click.option("--seed", default=0, show_default=True, type=int),
         click.option(
-            "--augment", default="basic", show_default=True, type=click.Choice(["basic", "affine", "none"])
+            "--augment",
+            default="none",
+            show_default=True,
+            type=click.Choice(["basic", "affine", "none"]),
         ),
         click.option(
             "--in-channels", default="1", show_default=True, type=click.Choice(["1", "3"])
@@ -119,6 +125,7 @@ def _recipe(kw: dict[str, Any]) -> Any:
         lr=kw["lr"],
         seed=kw["seed"],
         augment=kw["augment"],
+        optimizer=kw["optimizer"],
     )
 
 
@@ -246,6 +253,7 @@ def evaluate(
         command=command,
         seed=kw["seed"],
         augment=kw["augment"],
+        optimizer=kw["optimizer"],
     )
     c = metrics["counts"]
     click.echo(
