@@ -268,7 +268,7 @@ def calibrate(
     fit_y = (y == 1)[fit_mask]
     try:
         fusion = Fusion.fit(
-            [rows[i] for i in np.flatnonzero(fit_mask)], fit_y.astype(int).tolist(), C=fusion_C
+            [rows[int(i)] for i in np.flatnonzero(fit_mask)], fit_y.astype(int).tolist(), C=fusion_C
         )
     except CalibrationError:
         fusion = None
