@@ -206,6 +206,12 @@ def calibrate(
 @click.option(
     "--folds", default=0, type=int, help="K ≥ 2: train K models, score every image out of fold."
 )
+@click.option(
+    "--folds-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where fold checkpoints are kept and reused (default: OUT/folds).",
+)
 @click.option("--target-recall", default=1.0, show_default=True, type=float)
 @click.option(
     "--decision-method",
@@ -224,6 +230,7 @@ def evaluate(
     split: str,
     calibration_split: str,
     folds: int,
+    folds_dir: Path | None,
     target_recall: float,
     decision_method: str,
     bootstrap: int,
@@ -252,8 +259,7 @@ def evaluate(
         n_boot=bootstrap,
         command=command,
         seed=kw["seed"],
-        augment=kw["augment"],
-        optimizer=kw["optimizer"],
+        folds_dir=folds_dir,
     )
     c = metrics["counts"]
     click.echo(

@@ -397,13 +397,14 @@ def evaluate(
     n_boot: int = 1000,
     command: str = "inspection-audit evaluate",
     show_progress: bool = True,
+    folds_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run the evaluation protocol and write ``metrics.json``, ``report.md``, ``roc.png``, overlays.
 
     Without ``folds``: score ``split`` with ``model``, τ from ``calibration_split`` (the model's
     sidecar is rewritten only by ``calibrate``, never here). With ``folds=K ≥ 2``: pool all
-    splits, train K models with ``recipe`` (reusing ``out/folds/fold<i>.pt`` when present and
-    trained with the same recipe), each calibrated on its own inner validation split, and score
+    splits, train K models with ``recipe`` (reusing ``<folds_dir>/fold<i>.pt``, default
+    ``out/folds``, when present and trained with the same recipe), each calibrated on its own inner validation split, and score
     every image out of fold.
 
     Raises:
@@ -428,7 +429,7 @@ def evaluate(
             inner = stratified_folds(train_all, 5, seed + 100 + f)
             tr = [r for r, a in zip(train_all, inner, strict=True) if a != 0]
             va = [r for r, a in zip(train_all, inner, strict=True) if a == 0]
-            ckpt = out / "folds" / f"fold{f}.pt"
+            ckpt = Path(folds_dir or out / "folds") / f"fold{f}.pt"
             fold_recipe = Recipe(**{**asdict(recipe), "seed": recipe.seed + f})
             if not _reusable(ckpt, fold_recipe):
                 train_model(
