@@ -139,7 +139,9 @@ def method_metrics(
     out["fn_recall_ci95"] = list(clopper_pearson(k, n_pos)) if n_pos else [None, None]
     out["tn_flag_rate_at_tau"] = float((flagged & neg).sum() / n_neg) if n_neg else None
     unique = np.unique(taus)
-    out["tau"] = float(unique[0]) if len(unique) == 1 else float(np.mean(taus))
+    out["tau"] = (
+        float(unique[0]) if len(unique) == 1 else (float(np.mean(taus)) if len(unique) else None)
+    )
     if len(unique) > 1:
         out["tau_note"] = "mean of per-fold τ; each image judged with its own fold's τ"
     return out
@@ -177,11 +179,14 @@ def compute_metrics(
     for m in METHODS:
         s = [method_score(rows[i], m, calibrations[row_cal[i]].fusion) for i in idx]
         t = [calibrations[row_cal[i]].tau(m) for i in idx]
-        if any(v is None for v in s) or any(v is None for v in t):
+        cal_taus = [c.tau(m) for c in calibrations]
+        if any(v is None for v in s) or any(v is None for v in t) or None in cal_taus:
             continue
         methods[m] = method_metrics(
             yy, np.asarray(s, dtype=np.float64), np.asarray(t, dtype=np.float64), n_boot
         )
+        if methods[m]["tau"] is None:  # nothing predicted ok: report the calibrated τ itself
+            methods[m]["tau"] = float(np.mean(np.asarray(cal_taus, dtype=np.float64)))
     return {"counts": counts, "methods": methods}
 
 
