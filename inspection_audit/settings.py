@@ -79,6 +79,11 @@ class Settings(BaseSettings):
         "(default: a cheap row with p_defect only).",
     )
     save_overlays: bool = True
+    engine_max_chunk: int = Field(
+        default=8,
+        ge=1,
+        description="Images per engine pass inside a micro-batch (bounds the FGSM graph's memory).",
+    )
 
     # --- limits on input ----------------------------------------------------------------------
     max_image_bytes: int = Field(default=20_000_000, ge=1)

@@ -257,7 +257,9 @@ def load_runtime(settings: Settings | None = None) -> Runtime:
             ) from exc
         pm.target_layer = str(layer)
     config = engine_config_for(settings, cal)
-    engine = ReliabilityEngine.from_production_model(pm, config)
+    engine = ReliabilityEngine.from_production_model(
+        pm, config, max_chunk=settings.engine_max_chunk
+    )
     params = {
         **config.to_dict(),
         "decision_method": settings.decision_method,

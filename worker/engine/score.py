@@ -193,9 +193,11 @@ class ReliabilityEngine:
         target_layer: dotted name or module whose output ``[B, K, h, w]`` is explained.
         defect_index, ok_index: logit indices for a 2-logit head (ignored for 1 logit).
         config: :class:`EngineConfig`.
+        max_chunk: score at most this many images per pass (``None``: the whole batch). Results
+            are identical (eval mode); peak memory of the FGSM graph falls with the chunk.
 
     Raises:
-        ValueError: bad indices or target layer.
+        ValueError: bad indices, target layer or ``max_chunk``.
     """
 
     def __init__(
@@ -206,7 +208,11 @@ class ReliabilityEngine:
         defect_index: int = 1,
         ok_index: int = 0,
         config: EngineConfig | None = None,
+        max_chunk: int | None = None,
     ) -> None:
+        if max_chunk is not None and max_chunk < 1:
+            raise ValueError(f"max_chunk must be >= 1 or None, got {max_chunk}")
+        self.max_chunk = max_chunk
         self.model = model
         self.layer = resolve_layer(model, target_layer)
         self.target_layer_name = (
@@ -220,7 +226,7 @@ class ReliabilityEngine:
 
     @classmethod
     def from_production_model(
-        cls, pm: Any, config: EngineConfig | None = None
+        cls, pm: Any, config: EngineConfig | None = None, max_chunk: int | None = None
     ) -> ReliabilityEngine:
         """Build from a :class:`worker.checkpoint.ProductionModel` (target layer inside ``backbone``)."""
         layer = pm.model.backbone.get_submodule(pm.target_layer)
@@ -230,6 +236,7 @@ class ReliabilityEngine:
             defect_index=pm.defect_index if pm.num_classes == 2 else 1,
             ok_index=pm.ok_index if pm.num_classes == 2 else 0,
             config=config,
+            max_chunk=max_chunk,
         )
         eng.target_layer_name = pm.target_layer
         return eng
@@ -336,9 +343,17 @@ class ReliabilityEngine:
         parameters' ``.grad``.
         """
         self._validate(x)
+        c = self.max_chunk
+        if c is None or x.shape[0] <= c:
+            return self._score(x)
+        return _concat([self._score(x[i : i + c]) for i in range(0, x.shape[0], c)])
+
+    def _score(self, x: Tensor) -> ReliabilityScores:
         cfg = self.config
         with torch.inference_mode(False), torch.enable_grad():
-            if x.is_inference():  # made under a caller's inference_mode: autograd needs a normal tensor
+            if (
+                x.is_inference()
+            ):  # made under a caller's inference_mode: autograd needs a normal tensor
                 x = x.clone()
             clean, grad_x = self._maps(x, want_input_grad=cfg.attack == "fgsm")
             if cfg.attack == "none":
@@ -350,3 +365,18 @@ class ReliabilityEngine:
                 x_adv = pgd(self._defect_logit, x, cfg.epsilon, cfg.pgd_steps)
             adv, _ = self._maps(x_adv, want_input_grad=False)
         return ReliabilityScores(clean=clean, adv=adv, x_adv=x_adv.detach(), config=cfg)
+
+
+def _concat(parts: list[ReliabilityScores]) -> ReliabilityScores:
+    """Concatenate the results of consecutive chunks of one batch."""
+
+    def cat_maps(ms: list[MapScores]) -> MapScores:
+        return MapScores(*(torch.cat([getattr(m, f.name) for m in ms]) for f in fields(MapScores)))
+
+    adv = None if parts[0].adv is None else cat_maps([p.adv for p in parts if p.adv is not None])
+    x_adv = (
+        None
+        if parts[0].x_adv is None
+        else torch.cat([p.x_adv for p in parts if p.x_adv is not None])
+    )
+    return ReliabilityScores(cat_maps([p.clean for p in parts]), adv, x_adv, parts[0].config)
