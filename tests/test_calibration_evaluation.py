@@ -231,6 +231,30 @@ def test_train_calibrate_evaluate_end_to_end(tmp_path, single_thread) -> None:  
             "tau",
         }
 
+    # without the adversarial step the *_adv methods are absent and overlays fall back to iou_gap
+    out_n = tmp_path / "eval-none"
+    r = runner.invoke(
+        main,
+        [
+            "evaluate",
+            "--manifest",
+            str(manifest),
+            "--model",
+            str(ckpt),
+            "--out",
+            str(out_n),
+            "--bootstrap",
+            "20",
+            "--threads",
+            "1",
+            "--attack",
+            "none",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    mn = json.loads((out_n / "metrics.json").read_text())
+    assert "iou_gap_adv" not in mn["methods"] and "iou_gap" in mn["methods"]
+
     out_k = tmp_path / "oof"
     r = runner.invoke(
         main,

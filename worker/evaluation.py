@@ -341,7 +341,13 @@ def write_overlays(
     row_cal: np.ndarray,
     method: str,
 ) -> list[str]:
-    """Overlays of a caught false negative, a flagged and an unflagged true negative."""
+    """Overlays of a caught false negative, a flagged and an unflagged true negative.
+
+    ``method`` decides flagged/unflagged; when the calibrations have no τ for it (e.g. an
+    ``*_adv`` method with ``attack="none"``), ``iou_gap`` is used instead.
+    """
+    if any(c.tau(method) is None for c in cals):
+        method = "iou_gap"
     dec = _decision_flags(scored.rows, cals, row_cal, method)
     p = np.array([r["p_defect"] for r in scored.rows])
     y = scored.labels
@@ -538,6 +544,8 @@ def evaluate(
             f"`{split}` was used for nothing but these figures."
         )
         title = f"{pm.model_version} on {split}"
+    if any(c.tau(decision_method) is None for c in cals):
+        decision_method = "iou_gap"
     notes.append(
         f"Target FN recall for τ: {target_recall}. Overlays use decision method `{decision_method}`."
     )
