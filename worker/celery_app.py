@@ -22,10 +22,25 @@ from inspection_audit.settings import Settings, get_settings
 TASK_NAME = "inspection_audit.audit"
 
 
+def restore_options(visibility_timeout_s: int) -> dict[str, Any]:
+    """How often a Redis consumer looks for messages whose visibility timeout has passed.
+
+    kombu (5.7) sweeps kombu's ``unacked`` index once when a worker starts and then on a timer
+    every ``unacked_restore_interval`` (10 s) x ``unacked_restore_throttle`` (10) = ~100 s. The
+    messages of a worker that was killed become visible again only at such a sweep, so with
+    the defaults a short visibility timeout did not help: they came back ~100 s late. Sweep
+    every ``visibility_timeout / 5`` s (1 to 10 s, one ``ZRANGE`` each), unthrottled.
+    """
+    interval = max(1, min(10, visibility_timeout_s // 5))
+    return {"unacked_restore_interval": interval, "unacked_restore_throttle": 1}
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     """The Celery configuration for ``settings`` (a plain dict, easy to test)."""
     url = settings.resolved_broker_url
     transport: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout_s}
+    if url.startswith(("redis://", "rediss://", "redis+socket://")):
+        transport.update(restore_options(settings.visibility_timeout_s))
     if url.startswith("filesystem://"):
         folder = settings.broker_folder
         for sub in ("queue", "processed", "control"):
