@@ -44,7 +44,7 @@ import re
 import signal
 import time
 from collections import Counter
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -437,7 +437,8 @@ class _Batch:
         t = time.perf_counter()
         try:
             x = torch.stack([it.x for it in group]).to(rt.device)
-            scores = rt.engine.score(x)
+            with _fault_injection(group):
+                scores = rt.engine.score(x)
             rows = scores.rows()
         except Exception as exc:
             if len(group) > 1:
@@ -618,6 +619,37 @@ class _Batch:
             (time.perf_counter() - self.t0) * 1000.0,
         )
         return {"requeue": requeue, "written": len(self.items) - len(requeue)}
+
+
+# --- FAULT-INJECTION HOOK (tests only) ------------------------------------------------------------
+#: Comma-separated inspection ids. When this variable is set (tests/test_faults_loss.py does, in
+#: the worker's environment), a pool process that runs the engine on a batch holding one of these
+#: ids kills itself with SIGKILL inside the FGSM step, as a native crash or the kernel's OOM killer
+#: would. It is not a setting and nothing reads it unless it is set; never set it in production.
+FAULT_KILL_IN_ATTACK_ENV = "INSPECTION_AUDIT_TEST_FAULT_KILL_IN_ATTACK"
+
+
+@contextlib.contextmanager
+def _fault_injection(group: list[Item]) -> Iterator[None]:
+    """Fault injection for tests (see :data:`FAULT_KILL_IN_ATTACK_ENV`); a no-op otherwise."""
+    targets = {t for t in os.environ.get(FAULT_KILL_IN_ATTACK_ENV, "").split(",") if t}
+    if not targets or not any(it.key is not None and it.key[0] in targets for it in group):
+        yield
+        return
+    import worker.engine.score as score_module
+
+    real_step = score_module.fgsm_step
+
+    def killing_fgsm_step(*args: Any, **kwargs: Any) -> Any:
+        log.critical("FAULT INJECTION: pool process %d kills itself during FGSM", os.getpid())
+        os.kill(os.getpid(), signal.SIGKILL)
+        return real_step(*args, **kwargs)  # pragma: no cover - never reached
+
+    score_module.fgsm_step = killing_fgsm_step
+    try:
+        yield
+    finally:
+        score_module.fgsm_step = real_step
 
 
 def _finite(v: Any) -> Any:
