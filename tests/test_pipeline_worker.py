@@ -178,9 +178,12 @@ def test_lost_worker_requeues_and_cap_gives_up(
     ckpt = tiny_checkpoint(tmp_path, size=(48, 48))
     version = load_checkpoint(ckpt).model_version
     method = "iou_gap_adv"
-    # "lost-b" was lost once before this test (its count says so).
+    # "lost-b" was lost twice before this test, each time while being worked on (its count
+    # says so). Here it is only a batch-mate of the image being written when the process dies,
+    # which does not count against it: it reaches the cap on its next delivery, when it is
+    # counted again.
     with session_scope(migrated_pg_url) as s:
-        record_deliveries(s, [("lost-b", version, method)])
+        record_deliveries(s, [("lost-b", version, method)] * 2)
     env = _env(
         tmp_path,
         queue_settings,

@@ -18,12 +18,17 @@ the worker, blocking the prefetch window, until a restart or the visibility time
 * a failed job (process lost, terminated, or an unexpected exception) puts all its messages
   back at once (``reject(requeue=True)``), like ``task_reject_on_worker_lost``.
 
-Redelivery cap (DESIGN §7): requeueing has no limit, so each delivery is counted in
-``delivery_attempts`` (:mod:`db.deliveries`) in its own committed transaction before scoring.
-An inspection whose previous deliveries were lost more than ``Settings.max_redeliveries`` times
-gets an ``error`` row "worker lost N times while scoring this image; giving up". Redelivered
-images are scored one at a time, after the fresh ones are committed, so an image that kills its
-process cannot take its batch-mates down with it more than once.
+Redelivery cap (DESIGN §7): requeueing has no limit, so every delivery during which an image
+is *at risk* (decoded and scored) is counted in ``delivery_attempts`` (:mod:`db.deliveries`), in
+its own committed transaction, before the risk: a fresh image (never counted before) when its
+batch is received, a redelivered image only when its own turn comes. Redelivered images are
+decoded, scored and written one at a time, after the fresh ones are committed. So a count grows
+only while its own image was being worked on: an image that kills its process cannot take its
+batch-mates down with it more than once, nor drag them to the cap (counting every image of a
+lost batch at receipt did: a batch-mate queued behind the killer went down with it at every
+redelivery and got the killer's error row). An inspection lost more than
+``Settings.max_redeliveries`` times gets an ``error`` row "worker lost N times while scoring
+this image; giving up".
 
 One failure never loses the others: a bad message, an unreadable or hostile image and a scoring
 failure each become an ``error`` row for that image only; database faults
@@ -139,6 +144,7 @@ class Item:
     inspection: dict[str, Any] | None = None  # upsert_inspection kwargs
     key: Key | None = None
     attempts: int = 1
+    redelivered: bool = False  # counted before: decoded, counted and scored alone (see run)
     duplicate: bool = False  # its row is already there and done: only count the delivery
     duplicate_of: Item | None = None  # the same key earlier in this batch
     error: str | None = None
@@ -334,44 +340,71 @@ class _Batch:
 
     # 2. count deliveries (own transaction, committed before any scoring) ------------------
     def count_deliveries(self) -> None:
-        from db.deliveries import done_keys, record_deliveries
+        """Count fresh images now (their batch is at risk); redelivered ones wait their turn."""
+        from db.deliveries import delivery_attempts, done_keys, record_deliveries
         from db.session import session_scope
 
         keys = [it.key for it in self.items if it.key is not None]
         if not keys:
             return
 
-        def tx() -> tuple[dict[Key, int], set[Key]]:
+        def tx() -> tuple[dict[Key, int], dict[Key, int], set[Key]]:
             with session_scope(self.s.resolved_database_url) as session:
-                counts = record_deliveries(session, keys, self.host)
+                before = {k: delivery_attempts(session, k) for k in set(keys)}
+                fresh = [k for k in keys if before[k] == 0]
+                counts = record_deliveries(session, fresh, self.host)
                 done = done_keys(session, keys)
-            return counts, done
+            return before, counts, done
 
-        counts, done = with_db_retries(tx, "counting deliveries", self.s)
-        cap = self.s.max_redeliveries
+        before, counts, done = with_db_retries(tx, "counting deliveries", self.s)
         occurrences = Counter(keys)
         for it in self.items:
             assert it.key is not None
-            if it.duplicate_of is not None:
+            if before[it.key] > 0:
+                # Counted when its turn comes (score_alone); until then, the tentative count.
+                it.redelivered = True
+                it.attempts = before[it.key] + 1
+            elif it.duplicate_of is not None:
                 it.attempts = counts.get(it.key, 1)
-                continue
-            # Copies of this message in the same batch are not earlier lost deliveries.
-            it.attempts = counts.get(it.key, 1) - (occurrences[it.key] - 1)
-            if it.key in done:
+            else:
+                # Copies of this message in the same batch are not earlier lost deliveries.
+                it.attempts = counts.get(it.key, 1) - (occurrences[it.key] - 1)
+            if it.duplicate_of is None and it.key in done:
                 it.duplicate = True
-            elif it.error is None and it.attempts - 1 > cap:
-                it.error = (
-                    f"worker lost {it.attempts - 1} times while scoring this image; giving up"
-                )
-                log.error("%s: %s", it.key[0], it.error)
+
+    def score_alone(self, it: Item) -> None:
+        """A redelivered image: count this delivery (committed), apply the cap, else decode and
+        score it on its own, then write its row."""
+        from db.deliveries import record_deliveries
+        from db.session import session_scope
+
+        assert it.key is not None
+        key = it.key
+
+        def tx() -> int:
+            with session_scope(self.s.resolved_database_url) as session:
+                return record_deliveries(session, [key], self.host)[key]
+
+        it.attempts = with_db_retries(tx, "counting a redelivery", self.s)
+        lost = it.attempts - 1
+        log.info("%s: redelivered, lost %d time(s) so far; working on it alone", key[0], lost)
+        if lost > self.s.max_redeliveries:
+            it.error = f"worker lost {lost} times while scoring this image; giving up"
+            log.error("%s: %s", key[0], it.error)
+        else:
+            self.decode([it])
+            self.score_cheap([it])
+            if self._is_ready(it):
+                self.score_full([it])
+        self.write(self.rows_to_write([it]))
 
     # 3. decode ----------------------------------------------------------------------------
-    def decode(self) -> None:
+    def decode(self, items: list[Item]) -> None:
         from worker.preprocess import ImageError, preprocess
 
         pm = self.rt.pm
         limits = _limits(self.s)
-        for it in self.items:
+        for it in items:
             if it.error is not None or it.duplicate or it.duplicate_of or it.msg is None:
                 continue
             t = time.perf_counter()
@@ -387,22 +420,26 @@ class _Batch:
                 log.warning("%s: %s", it.key[0] if it.key else "?", it.error)
 
     # 4. score -------------------------------------------------------------------------------
-    def _ready(self) -> list[Item]:
-        return [
-            it
-            for it in self.items
-            if it.x is not None
+    @staticmethod
+    def _is_ready(it: Item) -> bool:
+        return (
+            it.x is not None
             and it.error is None
             and not it.duplicate
             and it.duplicate_of is None
             and it.row is None
-        ]
+        )
 
-    def score_cheap(self) -> None:
+    def _ready(self) -> list[Item]:
+        return [it for it in self.items if self._is_ready(it)]
+
+    def score_cheap(self, items: list[Item]) -> None:
         """Images the line called ``defect``: p_defect only (unless score_defect_predictions)."""
         if self.s.score_defect_predictions:
             return
-        group = [it for it in self._ready() if it.msg and it.msg.prediction == "defect"]
+        group = [
+            it for it in items if self._is_ready(it) and it.msg and it.msg.prediction == "defect"
+        ]
         if not group:
             return
         import torch
@@ -577,23 +614,27 @@ class _Batch:
         try:
             self.parse()
             self.count_deliveries()
-            self.decode()
-            self.score_cheap()
-            fresh = [it for it in self._ready() if it.attempts <= 1]
-            for i in range(0, len(fresh), max(1, self.s.batch_size)):
-                self.score_full(fresh[i : i + self.s.batch_size])
-            # Everything but the redelivered images is committed before those are scored.
-            later = [it for it in self._ready() if it.attempts > 1]
-            copies = [it for it in self.items if it.duplicate_of is not None]
-            first = [
+            # Redelivered images are decoded, counted and scored one at a time, after
+            # everything else is committed (score_alone).
+            later = [
                 it
                 for it in self.items
-                if it.duplicate_of is None and all(it is not o for o in later)
+                if it.redelivered
+                and it.error is None
+                and not it.duplicate
+                and it.duplicate_of is None
+                and it.msg is not None
             ]
-            self.write(self.rows_to_write(first))
+            fresh = [it for it in self.items if all(it is not o for o in later)]
+            self.decode(fresh)
+            self.score_cheap(fresh)
+            ready = [it for it in fresh if self._is_ready(it)]
+            for i in range(0, len(ready), max(1, self.s.batch_size)):
+                self.score_full(ready[i : i + self.s.batch_size])
+            copies = [it for it in self.items if it.duplicate_of is not None]
+            self.write(self.rows_to_write([it for it in fresh if it.duplicate_of is None]))
             for it in later:
-                self.score_full([it])
-                self.write(self.rows_to_write([it]))
+                self.score_alone(it)
             self.write(self.rows_to_write(copies))
         except DatabaseUnavailable as exc:
             log.error("%s; requeueing the messages whose rows are not written", exc)
