@@ -217,7 +217,9 @@ def calibrate(
     "--decision-method",
     default="iou_gap_adv",
     show_default=True,
-    type=click.Choice(["msp", "energy", "iou_gap", "iou_gap_adv", "fusion"]),
+    type=click.Choice(
+        ["msp", "energy", "iou_gap", "iou_gap_adv", "iou_defect", "iou_defect_adv", "fusion"]
+    ),
 )
 @click.option("--bootstrap", default=1000, show_default=True, type=int)
 @engine_options

@@ -17,7 +17,9 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-DecisionMethod = Literal["msp", "energy", "iou_gap", "iou_gap_adv", "fusion"]
+DecisionMethod = Literal[
+    "msp", "energy", "iou_gap", "iou_gap_adv", "iou_defect", "iou_defect_adv", "fusion"
+]
 
 
 class Settings(BaseSettings):

@@ -35,6 +35,8 @@ METHOD_LABELS = {
     "energy": "energy −logsumexp(z)",
     "iou_gap": "IoU gap r",
     "iou_gap_adv": "IoU gap r_adv (adversarial)",
+    "iou_defect": "IoU(S_defect, S_agn) alone",
+    "iou_defect_adv": "IoU(S_defect, S_agn) alone, adversarial",
     "fusion": "logistic fusion",
 }
 
@@ -300,7 +302,7 @@ def write_report(out: Path, metrics: dict[str, Any], context: dict[str, Any]) ->
     if base is None:
         lines.append("The baseline could not be computed on this population.")
     else:
-        for m in ("iou_gap", "iou_gap_adv", "fusion", "energy"):
+        for m in ("iou_gap", "iou_gap_adv", "iou_defect", "iou_defect_adv", "fusion", "energy"):
             v = ms.get(m)
             if v is None or v["auroc"] is None or base["auroc"] is None:
                 continue

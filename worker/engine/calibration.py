@@ -12,6 +12,8 @@ Methods, all oriented so that higher = more suspicious:
 * ``energy`` — ``−logsumexp(z)`` (W. Liu et al., *Energy-based Out-of-distribution Detection*,
   NeurIPS 2020);
 * ``iou_gap`` / ``iou_gap_adv`` — the reliability score ``r`` and ``r_adv``;
+* ``iou_defect`` / ``iou_defect_adv`` — the defect term ``IoU(S_defect, S_agn)`` alone (the
+  "defect-only" variant of the sweep);
 * ``fusion`` — an L2-regularised logistic regression on standardised features, fitted on the
   calibration split only (class-balanced).
 """
@@ -27,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-METHODS = ("msp", "energy", "iou_gap", "iou_gap_adv", "fusion")
+METHODS = ("msp", "energy", "iou_gap", "iou_gap_adv", "iou_defect", "iou_defect_adv", "fusion")
 FUSION_FEATURES = ("iou_gap", "iou_gap_adv", "logit_p_defect", "energy", "logit_p_defect_adv")
 
 
@@ -66,6 +68,8 @@ def method_score(row: Mapping[str, Any], method: str, fusion: Fusion | None = No
         return row.get("iou_gap")
     if method == "iou_gap_adv":
         return row.get("iou_gap_adv")
+    if method in ("iou_defect", "iou_defect_adv"):
+        return row.get(method)
     if method == "fusion":
         return None if fusion is None else fusion.score(row)
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
