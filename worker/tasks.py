@@ -387,7 +387,7 @@ class _Batch:
 
         it.attempts = with_db_retries(tx, "counting a redelivery", self.s)
         lost = it.attempts - 1
-        log.info("%s: redelivered, lost %d time(s) so far; working on it alone", key[0], lost)
+        log.info("%s: delivered %d time(s) before; working on it alone", key[0], lost)
         if lost > self.s.max_redeliveries:
             it.error = f"worker lost {lost} times while scoring this image; giving up"
             log.error("%s: %s", key[0], it.error)
