@@ -142,7 +142,7 @@ def _wire_path(resolved: Path, roots: list[Path]) -> str:
 
 
 def _check_path_image(msg: InspectionMessage, settings: Settings) -> InspectionMessage:
-    from worker.images import ImageError, resolve_under_roots
+    from worker.images import ImageError, ImageLimits, read_image_bytes, resolve_under_roots
 
     given = msg.image_path or ""
 
@@ -154,22 +154,14 @@ def _check_path_image(msg: InspectionMessage, settings: Settings) -> InspectionM
     except ImageError as exc:
         roots = ", ".join(str(r) for r in settings.image_roots) or "none"
         raise fail(f"{exc} (image roots: {roots})") from None
-    if not path.exists():
-        raise fail(f"image file not found: {path}")
-    if not path.is_file():
-        raise fail(f"not a regular file: {path}")
-    size = path.stat().st_size
-    if size == 0:
-        raise fail(f"image file is empty (0 bytes): {path}")
-    if size > settings.max_image_bytes:
-        raise fail(
-            f"image file {path} is {size} bytes, over the limit of {settings.max_image_bytes} "
-            "(INSPECTION_AUDIT_MAX_IMAGE_BYTES)"
-        )
     try:
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        data = read_image_bytes(path, ImageLimits(max_bytes=settings.max_image_bytes))
+    except ImageError as exc:
+        hint = " (INSPECTION_AUDIT_MAX_IMAGE_BYTES)" if "over the limit" in str(exc) else ""
+        raise fail(f"{exc}{hint}") from None
     except OSError as exc:
         raise fail(f"cannot read image file {path}: {exc}") from None
+    digest = hashlib.sha256(data).hexdigest()
     if msg.image_sha256 is not None and msg.image_sha256 != digest:
         raise MessageError(
             [("image_sha256", f"{msg.image_sha256} does not match the file {path} ({digest})")],

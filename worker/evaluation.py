@@ -456,20 +456,14 @@ def evaluate(
                 )
             pm = load_checkpoint(ckpt)
             eng = make_engine(pm, config, layer)
-            val_scored = score_records(
+            cal = calibrate_on(
                 eng,
                 pm,
                 va,
-                description=f"fold {f + 1}/{folds}: calibrating",
-                show_progress=show_progress,
-            )
-            cal = calibrate(
-                val_scored.rows,
-                val_scored.labels.tolist(),
-                model_version=pm.model_version,
-                engine=config.to_dict(),
                 split=f"fold{f}-inner-val",
                 target_recall=target_recall,
+                description=f"fold {f + 1}/{folds}: calibrating",
+                show_progress=show_progress,
             )
             test_scored = score_records(
                 eng,
@@ -506,20 +500,13 @@ def evaluate(
             raise ValueError("evaluate needs --model, or --folds K to train its own models")
         pm = load_checkpoint(model)
         eng = make_engine(pm, config, layer)
-        cal_scored = score_records(
+        cal = calibrate_on(
             eng,
             pm,
             read_manifest(manifest, calibration_split),
-            description=f"calibrating on {calibration_split}",
-            show_progress=show_progress,
-        )
-        cal = calibrate(
-            cal_scored.rows,
-            cal_scored.labels.tolist(),
-            model_version=pm.model_version,
-            engine=config.to_dict(),
             split=calibration_split,
             target_recall=target_recall,
+            show_progress=show_progress,
         )
         scored = score_records(
             eng,
@@ -604,6 +591,35 @@ def _reusable(ckpt: Path, recipe: Recipe) -> bool:
     return saved == asdict(recipe)
 
 
+def calibrate_on(
+    engine: ReliabilityEngine,
+    pm: ProductionModel,
+    records: list[Record],
+    *,
+    split: str,
+    target_recall: float = 1.0,
+    description: str | None = None,
+    show_progress: bool = True,
+) -> Calibration:
+    """Score labelled ``records`` and pick τ for every method (the engine's options and target
+    layer are recorded with it: τ is only valid for them)."""
+    scored = score_records(
+        engine,
+        pm,
+        records,
+        description=description or f"calibrating on {split}",
+        show_progress=show_progress,
+    )
+    return calibrate(
+        scored.rows,
+        scored.labels.tolist(),
+        model_version=pm.model_version,
+        engine={**engine.config.to_dict(), "target_layer": pm.target_layer},
+        split=split,
+        target_recall=target_recall,
+    )
+
+
 def calibrate_checkpoint(
     manifest: str | Path,
     model: str | Path,
@@ -617,20 +633,13 @@ def calibrate_checkpoint(
     """Score ``split`` with ``model``, pick τ for every method and write the sidecar next to it."""
     pm = load_checkpoint(model)
     eng = make_engine(pm, config, layer)
-    scored = score_records(
+    cal = calibrate_on(
         eng,
         pm,
         read_manifest(manifest, split),
-        description=f"scoring {split}",
-        show_progress=show_progress,
-    )
-    cal = calibrate(
-        scored.rows,
-        scored.labels.tolist(),
-        model_version=pm.model_version,
-        engine={**config.to_dict(), "target_layer": pm.target_layer},
         split=split,
         target_recall=target_recall,
+        show_progress=show_progress,
     )
     cal.save(sidecar_path(model))
     return cal

@@ -64,7 +64,7 @@ def read_image_bytes(path: Path, limits: ImageLimits = DEFAULT_LIMITS) -> bytes:
     if size == 0:
         raise ImageError(f"image file is empty (0 bytes): {path}")
     if size > limits.max_bytes:
-        raise ImageError(f"image file is {size} bytes, over the limit of {limits.max_bytes}")
+        raise ImageError(f"image file {path} is {size} bytes, over the limit of {limits.max_bytes}")
     return path.read_bytes()
 
 
