@@ -65,7 +65,7 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"review queue: {len(rows)} suspected false negative(s)")
+    table = Table(title=f"review queue: {len(rows)} most suspicious (--limit to see more)")
     for header, justify in (
         ("#", "right"),
         ("inspection_id", "left"),
@@ -94,7 +94,9 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
             _fmt(r["iou_gap_adv"]),
             _fmt(r["overlay_path"]),
         )
-    Console().print(table)
+    # Off a terminal (pipes, logs) rich would cut columns to 80 characters: keep ids whole.
+    console = Console()
+    Console(width=max(console.width, 200) if not console.is_terminal else None).print(table)
 
 
 def register(main: click.Group) -> None:

@@ -37,7 +37,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 console = Console(stderr=True)
-out = Console()
+_probe = Console()
+# Off a terminal rich would cut the tables to 80 characters: keep ids and paths whole.
+out = Console(width=None if _probe.is_terminal else max(_probe.width, 200))
 
 DEFAULT_DATASET = Path("..") / "shared" / "datasets" / "magnetic-tile"
 STALL_TIMEOUT_S = 180.0
