@@ -14,15 +14,14 @@ comparison once this module is imported; migration 0002 imports it for that reas
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from datetime import datetime
-from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from db.models import Base, UTCDateTime
+from db.repository import insert_for
 
 Key = tuple[str, str, str]
 
@@ -41,16 +40,6 @@ class DeliveryAttempt(Base):
     last_worker: Mapped[str | None] = mapped_column(sa.String())
 
 
-def _insert_for(session: Session) -> Callable[[Any], Any]:
-    """``insert()`` of the session's dialect (the one that knows ``on_conflict_*``)."""
-    name = session.get_bind().dialect.name
-    if name == "postgresql":
-        return postgresql.insert
-    if name == "sqlite":
-        return sqlite.insert
-    raise NotImplementedError(f"inspection-audit supports PostgreSQL and SQLite, not {name!r}")
-
-
 def record_deliveries(
     session: Session, keys: Iterable[Key], worker: str | None = None
 ) -> dict[Key, int]:
@@ -61,9 +50,9 @@ def record_deliveries(
     commits (commit *before* scoring, so that a worker killed while scoring leaves its count).
 
     Raises:
-        NotImplementedError: a dialect other than PostgreSQL/SQLite.
+        UnsupportedDialectError: a dialect other than PostgreSQL/SQLite.
     """
-    insert = _insert_for(session)
+    insert = insert_for(session)
     table = DeliveryAttempt.__table__
     out: dict[Key, int] = {}
     for key in keys:

@@ -31,14 +31,22 @@ from db.models import (
 _AUDIT_WRITABLE = frozenset((*AUDIT_KEY_COLUMNS, *AUDIT_RESULT_COLUMNS, "delivery_count"))
 
 
-def _insert_for(session: Session) -> Callable[[Any], Any]:
-    """``insert()`` of the session's dialect (the one that knows ``on_conflict_*``)."""
+class UnsupportedDialectError(ValueError):
+    """The database is neither PostgreSQL nor SQLite (the upserts need their ON CONFLICT)."""
+
+
+def insert_for(session: Session) -> Callable[[Any], Any]:
+    """``insert()`` of the session's dialect (the one that knows ``on_conflict_*``).
+
+    Raises:
+        UnsupportedDialectError: a dialect other than PostgreSQL/SQLite.
+    """
     name = session.get_bind().dialect.name
     if name == "postgresql":
         return postgresql.insert
     if name == "sqlite":
         return sqlite.insert
-    raise NotImplementedError(f"inspection-audit supports PostgreSQL and SQLite, not {name!r}")
+    raise UnsupportedDialectError(f"inspection-audit supports PostgreSQL and SQLite, not {name!r}")
 
 
 def upsert_inspection(
@@ -59,7 +67,7 @@ def upsert_inspection(
     ``INSERT … ON CONFLICT (inspection_id) DO NOTHING``: the first delivery's values win.
     ``captured_at`` should be timezone-aware (a naive value is taken as UTC); ``received_at``
     defaults to the database's clock. Raises ``ValueError`` for a ``prediction`` other than
-    ``ok``/``defect`` or a ``score`` outside [0, 1], ``NotImplementedError`` for a dialect other
+    ``ok``/``defect`` or a ``score`` outside [0, 1], ``UnsupportedDialectError`` for a dialect other
     than PostgreSQL/SQLite.
     """
     if prediction not in PREDICTIONS:
@@ -78,7 +86,7 @@ def upsert_inspection(
     }
     if received_at is not None:
         values["received_at"] = received_at
-    stmt = _insert_for(session)(Inspection.__table__).values(values)
+    stmt = insert_for(session)(Inspection.__table__).values(values)
     session.execute(stmt.on_conflict_do_nothing(index_elements=["inspection_id"]))
 
 
@@ -116,7 +124,7 @@ def upsert_audit(session: Session, row: dict[str, Any]) -> bool:
         values["delivery_count"] = 1
 
     table = Audit.__table__
-    stmt = _insert_for(session)(table).values(values)
+    stmt = insert_for(session)(table).values(values)
     new = stmt.excluded
     replace = sa.and_(table.c.status == "error", new.status == "done")
     set_: dict[str, Any] = {
