@@ -35,6 +35,11 @@ def test_tau_for_partial_recall_hand_case() -> None:
     assert tau_for_recall([0.3, 0.9, 0.1, 0.5], 0.5) == 0.5
 
 
+def test_tau_skips_missing_and_nan_scores() -> None:
+    # NaN must not count as a positive: 3 finite scores, target 2/3 -> 2nd highest = 0.3
+    assert tau_for_recall([0.3, float("nan"), 0.9, None, 0.1], 2 / 3) == 0.3  # type: ignore[list-item]
+
+
 def test_tau_needs_positives_and_a_valid_target() -> None:
     with pytest.raises(CalibrationError):
         tau_for_recall([], 1.0)

@@ -79,7 +79,7 @@ def tau_for_recall(positive_scores: Sequence[float], target_recall: float = 1.0)
     """Largest ``τ`` such that ``score ≥ τ`` flags at least ``target_recall`` of the positives.
 
     Args:
-        positive_scores: scores of the calibration false negatives.
+        positive_scores: scores of the calibration false negatives (``None``/NaN are skipped).
         target_recall: in (0, 1].
 
     Returns:
@@ -90,7 +90,11 @@ def tau_for_recall(positive_scores: Sequence[float], target_recall: float = 1.0)
     """
     if not 0.0 < target_recall <= 1.0:
         raise ValueError(f"target_recall must be in (0, 1], got {target_recall}")
-    s = np.sort(np.asarray([v for v in positive_scores if v is not None], dtype=np.float64))[::-1]
+    s = np.sort(
+        np.asarray(
+            [v for v in positive_scores if v is not None and math.isfinite(v)], dtype=np.float64
+        )
+    )[::-1]
     if s.size == 0:
         raise CalibrationError("no positive scores to calibrate on")
     k = max(1, math.ceil(target_recall * s.size - 1e-9))
