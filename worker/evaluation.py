@@ -27,7 +27,7 @@ from rich.progress import track
 from worker.checkpoint import ProductionModel, load_checkpoint
 from worker.dataset import Record, load_tensors, read_manifest, stratified_folds
 from worker.engine.calibration import METHODS, Calibration, calibrate, method_score, sidecar_path
-from worker.engine.score import EngineConfig, ReliabilityEngine, ReliabilityScores
+from worker.engine.score import ROW_KEYS, EngineConfig, ReliabilityEngine, ReliabilityScores
 from worker.training import Recipe, train_model
 
 METHOD_LABELS = {
@@ -547,21 +547,7 @@ def evaluate(
     metrics["overlays"] = overlays
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     with (out / "rows.csv").open("w") as fh:
-        keys = [
-            "path",
-            "label",
-            "defect_type",
-            "p_defect",
-            "energy",
-            "iou_defect",
-            "iou_ok",
-            "iou_gap",
-            "p_defect_adv",
-            "iou_defect_adv",
-            "iou_ok_adv",
-            "iou_gap_adv",
-            "flipped",
-        ]
+        keys = ["path", "label", "defect_type", *ROW_KEYS]
         fh.write("fold," + ",".join(keys) + "\n")
         for i, r in enumerate(scored.rows):
             fh.write(

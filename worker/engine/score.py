@@ -119,6 +119,21 @@ class MapScores:
         return self.iou_defect - self.iou_ok
 
 
+#: The per-image numbers of :meth:`ReliabilityScores.rows`, in order.
+ROW_KEYS = (
+    "p_defect",
+    "energy",
+    "iou_defect",
+    "iou_ok",
+    "iou_gap",
+    "p_defect_adv",
+    "iou_defect_adv",
+    "iou_ok_adv",
+    "iou_gap_adv",
+    "flipped",
+)
+
+
 @dataclass
 class ReliabilityScores:
     """Per-image results of :meth:`ReliabilityEngine.score` for a batch of ``B`` images."""
