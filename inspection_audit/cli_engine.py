@@ -214,6 +214,11 @@ def calibrate(
 )
 @click.option("--target-recall", default=1.0, show_default=True, type=float)
 @click.option(
+    "--snapshot-epochs",
+    default="",
+    help="With --folds: also keep each fold model's checkpoints after these epochs, e.g. 6,9,12.",
+)
+@click.option(
     "--decision-method",
     default="iou_gap_adv",
     show_default=True,
@@ -237,6 +242,7 @@ def evaluate(
     decision_method: str,
     bootstrap: int,
     threads: int,
+    snapshot_epochs: str,
     **kw: Any,
 ) -> None:
     """Evaluate every scoring method (DESIGN §4); write metrics.json, report.md, roc.png, overlays."""
@@ -262,6 +268,7 @@ def evaluate(
         command=command,
         seed=kw["seed"],
         folds_dir=folds_dir,
+        snapshot_epochs=tuple(int(e) for e in snapshot_epochs.split(",") if e.strip()),
     )
     c = metrics["counts"]
     click.echo(

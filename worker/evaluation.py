@@ -411,6 +411,7 @@ def evaluate(
     command: str = "inspection-audit evaluate",
     show_progress: bool = True,
     folds_dir: str | Path | None = None,
+    snapshot_epochs: tuple[int, ...] = (),
 ) -> dict[str, Any]:
     """Run the evaluation protocol and write ``metrics.json``, ``report.md``, ``roc.png``, overlays.
 
@@ -450,6 +451,7 @@ def evaluate(
                     va,
                     ckpt,
                     fold_recipe,
+                    snapshot_epochs=snapshot_epochs,
                     show_progress=show_progress,
                     model_version=f"{fold_recipe.arch}-fold{f}of{folds}-s{fold_recipe.seed}",
                     extra={"fold": f, "folds": folds},
