@@ -198,7 +198,7 @@ class ModelSpec:
 
 def random_model(image_size: int, seed: int = 0, arch: str = "resnet18") -> ModelSpec:
     """``build_backbone(arch, 2, 1)`` with seeded random weights in a ``NormalizedModel``."""
-    from worker.checkpoint import NormalizedModel, build_backbone
+    from worker.model.checkpoint import NormalizedModel, build_backbone
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -218,7 +218,7 @@ def random_model(image_size: int, seed: int = 0, arch: str = "resnet18") -> Mode
 
 def checkpoint_model(path: Path) -> ModelSpec:
     """A DESIGN §2 checkpoint, loaded on the CPU."""
-    from worker.checkpoint import load_checkpoint
+    from worker.model.checkpoint import load_checkpoint
 
     pm = load_checkpoint(path, "cpu")
     return ModelSpec(
@@ -240,7 +240,7 @@ def save_model_checkpoint(spec: ModelSpec, path: Path) -> Path:
     if spec.checkpoint is not None:
         shutil.copyfile(spec.checkpoint, path)  # without its calibration sidecar
         return path
-    from worker.checkpoint import save_checkpoint
+    from worker.model.checkpoint import save_checkpoint
 
     model: Any = spec.model
     save_checkpoint(
@@ -275,7 +275,7 @@ def synthetic_images(n: int, size: int, in_channels: int = 1, seed: int = 0) -> 
 
 def dataset_records(dataset: Path, seed: int = 0) -> list[Any]:
     """Every manifest record, in a fixed shuffled order (all splits, both labels)."""
-    from worker.dataset import read_manifest
+    from inspection_audit.lab.dataset import read_manifest
 
     records = sorted(read_manifest(dataset), key=lambda r: r.rel_path)
     order = np.random.default_rng(seed).permutation(len(records))
@@ -284,7 +284,7 @@ def dataset_records(dataset: Path, seed: int = 0) -> list[Any]:
 
 def load_pool(records: Sequence[Any], n: int, spec: ModelSpec) -> Tensor:
     """The first ``n`` records decoded and preprocessed to the model's input size."""
-    from worker.dataset import load_tensors
+    from inspection_audit.lab.dataset import load_tensors
 
     x, _ = load_tensors(list(records[:n]), spec.input_size, spec.in_channels, show_progress=False)
     return x

@@ -7,37 +7,20 @@ in ``delivery_attempts`` (keyed like the audit row: ``inspection_id``, ``model_v
 ``method``) *before* it scores, in its own committed transaction. When the count passes
 ``Settings.max_redeliveries`` the worker writes an ``error`` row instead of scoring again.
 
-The table is created by migration ``0002``; :class:`DeliveryAttempt` describes it for queries
-(it is declared on :data:`db.models.Base.metadata`, so it takes part in the model/schema
-comparison once this module is imported; migration 0002 imports it for that reason).
+The table is created by migration ``0002``; :class:`db.models.DeliveryAttempt` describes it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import datetime
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy.orm import Session
 
-from db.models import Base, UTCDateTime
+from db.models import Audit, DeliveryAttempt
 from db.repository import insert_for
 
 Key = tuple[str, str, str]
-
-
-class DeliveryAttempt(Base):
-    """How many times a worker received an inspection for one (model_version, method)."""
-
-    __tablename__ = "delivery_attempts"
-
-    inspection_id: Mapped[str] = mapped_column(sa.String(), primary_key=True)
-    model_version: Mapped[str] = mapped_column(sa.String(), primary_key=True)
-    method: Mapped[str] = mapped_column(sa.String(), primary_key=True)
-    attempts: Mapped[int] = mapped_column(sa.Integer(), server_default="0")
-    first_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=sa.func.now())
-    last_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=sa.func.now())
-    last_worker: Mapped[str | None] = mapped_column(sa.String())
 
 
 def record_deliveries(
@@ -88,8 +71,6 @@ def delivery_attempts(session: Session, key: Key) -> int:
 
 def done_keys(session: Session, keys: Iterable[Key]) -> set[Key]:
     """The keys among ``keys`` whose audit row already exists with status ``done``."""
-    from db.models import Audit
-
     keys = list(keys)
     if not keys:
         return set()

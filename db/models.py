@@ -1,13 +1,14 @@
-"""SQLAlchemy 2 typed models: :class:`Inspection`, :class:`Audit`, :class:`Review`.
+"""SQLAlchemy 2 typed models: :class:`Inspection`, :class:`Audit`, :class:`Review`,
+:class:`DeliveryAttempt`.
 
 The schema itself is created by the Alembic migrations in ``db/migrations`` (never by
 ``create_all`` in production); a test checks that the migrated schema equals this metadata on
 PostgreSQL and SQLite. Every timestamp is stored and returned as a timezone-aware UTC datetime
 on both dialects (see :class:`UTCDateTime`).
 
-The ``review_queue`` SQL view is created by the migration; :data:`review_queue_view` is a
-lightweight, typed description of it for queries (it lives in its own ``MetaData`` so that
-``Base.metadata`` describes tables only).
+The ``review_queue`` and ``audit_scores`` SQL views are created by the migrations;
+:data:`review_queue_view` and :data:`audit_scores_view` are lightweight, typed descriptions of
+them for queries (in their own ``MetaData``, so that ``Base.metadata`` describes tables only).
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ VERDICTS = ("confirmed_defect", "cleared")
 
 #: ``params`` column type: JSON everywhere, JSONB on PostgreSQL.
 JSONType = sa.JSON().with_variant(JSONB(), "postgresql")
+#: ``scores``/``details`` column type: as :data:`JSONType`, but Python ``None`` is SQL NULL
+#: (not a JSON ``null``), so an error row has no scores at all.
+JSONObject = sa.JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
 #: Surrogate keys: BIGINT on PostgreSQL, INTEGER (the rowid alias) on SQLite.
 BigIntPK = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
@@ -103,8 +107,15 @@ class Inspection(Base):
 class Audit(Base):
     """One audit result, keyed by (``inspection_id``, ``model_version``, ``method``).
 
-    ``status`` is ``done`` (every score filled in) or ``error`` (``error`` says why; the score
-    columns are NULL). ``duplicate_count`` counts deliveries that found the row already there.
+    ``method`` is the *decision* method (a name of :data:`worker.engine.methods.REGISTRY`).
+    ``status`` is ``done`` (scored) or ``error`` (``error`` says why; the scores are NULL).
+    What is queried every time is a column (``status``, ``p_defect``, ``decision_score``,
+    ``tau``, ``suspected_false_negative``, timings); every scoring method's value is in
+    ``scores`` (method name → number or null; JSONB on PostgreSQL, JSON on SQLite, read by name
+    through the ``audit_scores`` view), and the engine's other measurements (``iou_ok``,
+    ``p_defect_adv``, ``flipped``, second-opinion details …) in ``details``. A new method
+    therefore needs no schema migration. ``duplicate_count`` counts deliveries that found the
+    row already there.
     """
 
     __tablename__ = "audits"
@@ -123,16 +134,8 @@ class Audit(Base):
     status: Mapped[str] = mapped_column(sa.String())
     error: Mapped[str | None] = mapped_column(sa.Text())
     p_defect: Mapped[float | None] = mapped_column(sa.Float())
-    energy: Mapped[float | None] = mapped_column(sa.Float())
-    iou_defect: Mapped[float | None] = mapped_column(sa.Float())
-    iou_ok: Mapped[float | None] = mapped_column(sa.Float())
-    iou_gap: Mapped[float | None] = mapped_column(sa.Float())
-    p_defect_adv: Mapped[float | None] = mapped_column(sa.Float())
-    iou_defect_adv: Mapped[float | None] = mapped_column(sa.Float())
-    iou_ok_adv: Mapped[float | None] = mapped_column(sa.Float())
-    iou_gap_adv: Mapped[float | None] = mapped_column(sa.Float())
-    flipped: Mapped[bool | None] = mapped_column(sa.Boolean())
-    fusion_score: Mapped[float | None] = mapped_column(sa.Float())
+    scores: Mapped[dict[str, Any] | None] = mapped_column(JSONObject)
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSONObject)
     decision_score: Mapped[float | None] = mapped_column(sa.Float())
     tau: Mapped[float | None] = mapped_column(sa.Float())
     suspected_false_negative: Mapped[bool] = mapped_column(
@@ -172,22 +175,32 @@ class Review(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=sa.func.now())
 
 
+class DeliveryAttempt(Base):
+    """How many times a worker received an inspection for one (model_version, method).
+
+    The worker's redelivery cap (:mod:`db.deliveries`); created by migration 0002. No foreign
+    key to ``inspections``: a delivery is counted before the inspection row is written.
+    """
+
+    __tablename__ = "delivery_attempts"
+
+    inspection_id: Mapped[str] = mapped_column(sa.String(), primary_key=True)
+    model_version: Mapped[str] = mapped_column(sa.String(), primary_key=True)
+    method: Mapped[str] = mapped_column(sa.String(), primary_key=True)
+    attempts: Mapped[int] = mapped_column(sa.Integer(), server_default="0")
+    first_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=sa.func.now())
+    last_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=sa.func.now())
+    last_worker: Mapped[str | None] = mapped_column(sa.String())
+
+
 #: Columns that hold an audit's *result* (replaced when a late success beats an error).
 AUDIT_KEY_COLUMNS = ("inspection_id", "model_version", "method")
 AUDIT_RESULT_COLUMNS = (
     "status",
     "error",
     "p_defect",
-    "energy",
-    "iou_defect",
-    "iou_ok",
-    "iou_gap",
-    "p_defect_adv",
-    "iou_defect_adv",
-    "iou_ok_adv",
-    "iou_gap_adv",
-    "flipped",
-    "fusion_score",
+    "scores",
+    "details",
     "decision_score",
     "tau",
     "suspected_false_negative",
@@ -199,7 +212,7 @@ AUDIT_RESULT_COLUMNS = (
     "total_ms",
 )
 
-# --- the review_queue view (created by migration 0001) -------------------------------------
+# --- views (created by the migrations) -------------------------------------------------------
 _view_metadata = sa.MetaData()
 
 #: Typed description of the ``review_queue`` view, for ``select()``.
@@ -227,6 +240,22 @@ review_queue_view = sa.Table(
     sa.Column("audited_at", UTCDateTime()),
 )
 
+#: Typed description of the ``audit_scores`` view (migration 0003): one row per audit and
+#: scoring method, ``SELECT … FROM audit_scores WHERE method = 'iou_gap_adv'`` on both dialects.
+#: ``decision_method`` is the audit's own ``method`` (the one that decided the flag).
+audit_scores_view = sa.Table(
+    "audit_scores",
+    _view_metadata,
+    sa.Column("audit_id", sa.BigInteger()),
+    sa.Column("inspection_id", sa.String()),
+    sa.Column("model_version", sa.String()),
+    sa.Column("decision_method", sa.String()),
+    sa.Column("status", sa.String()),
+    sa.Column("method", sa.String()),
+    sa.Column("value", sa.Float()),
+    sa.Column("audited_at", UTCDateTime()),
+)
+
 __all__ = [
     "AUDIT_KEY_COLUMNS",
     "AUDIT_RESULT_COLUMNS",
@@ -236,8 +265,10 @@ __all__ = [
     "VERDICTS",
     "Audit",
     "Base",
+    "DeliveryAttempt",
     "Inspection",
     "Review",
     "UTCDateTime",
+    "audit_scores_view",
     "review_queue_view",
 ]

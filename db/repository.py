@@ -3,13 +3,13 @@
 Writes use ``INSERT … ON CONFLICT`` of the session's dialect (PostgreSQL or SQLite), so that
 at-least-once delivery yields exactly one row per key even with concurrent writers (DESIGN §6).
 Functions take a :class:`~sqlalchemy.orm.Session` and never commit: the caller owns the
-transaction (see :func:`db.session.session_scope`).
+transaction (see :func:`db.session.session_scope`). The worker hands over typed rows
+(:mod:`db.rows`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -27,8 +27,9 @@ from db.models import (
     Review,
     review_queue_view,
 )
+from db.rows import AuditRow, InspectionRow
 
-_AUDIT_WRITABLE = frozenset((*AUDIT_KEY_COLUMNS, *AUDIT_RESULT_COLUMNS, "delivery_count"))
+_AUDIT_WRITABLE = (*AUDIT_KEY_COLUMNS, *AUDIT_RESULT_COLUMNS, "delivery_count")
 
 
 class UnsupportedDialectError(ValueError):
@@ -49,55 +50,41 @@ def insert_for(session: Session) -> Callable[[Any], Any]:
     raise UnsupportedDialectError(f"inspection-audit supports PostgreSQL and SQLite, not {name!r}")
 
 
-def upsert_inspection(
-    session: Session,
-    *,
-    inspection_id: str,
-    image_ref: str,
-    line: str | None,
-    station: str | None,
-    captured_at: datetime,
-    prediction: str,
-    score: float,
-    expected_model_version: str | None = None,
-    received_at: datetime | None = None,
-) -> None:
+def upsert_inspection(session: Session, row: InspectionRow) -> None:
     """Store the line's record of one inspection, once: a second call for the same id is a no-op.
 
     ``INSERT … ON CONFLICT (inspection_id) DO NOTHING``: the first delivery's values win.
-    ``captured_at`` should be timezone-aware (a naive value is taken as UTC); ``received_at``
-    defaults to the database's clock. Raises ``ValueError`` for a ``prediction`` other than
-    ``ok``/``defect`` or a ``score`` outside [0, 1], ``UnsupportedDialectError`` for a dialect other
-    than PostgreSQL/SQLite.
+    ``row.captured_at`` should be timezone-aware (a naive value is taken as UTC);
+    ``row.received_at`` defaults to the database's clock.
+
+    Raises:
+        ValueError: a ``prediction`` other than ``ok``/``defect`` or a ``score`` outside [0, 1].
+        UnsupportedDialectError: a dialect other than PostgreSQL/SQLite.
     """
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
-    if not 0.0 <= float(score) <= 1.0:
-        raise ValueError(f"score must be a probability in [0, 1], got {score!r}")
+    if row.prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {row.prediction!r}")
+    if not 0.0 <= float(row.score) <= 1.0:
+        raise ValueError(f"score must be a probability in [0, 1], got {row.score!r}")
     values: dict[str, Any] = {
-        "inspection_id": inspection_id,
-        "image_ref": image_ref,
-        "line": line,
-        "station": station,
-        "captured_at": captured_at,
-        "prediction": prediction,
-        "score": float(score),
-        "expected_model_version": expected_model_version,
+        "inspection_id": row.inspection_id,
+        "image_ref": row.image_ref,
+        "line": row.line,
+        "station": row.station,
+        "captured_at": row.captured_at,
+        "prediction": row.prediction,
+        "score": float(row.score),
+        "expected_model_version": row.expected_model_version,
     }
-    if received_at is not None:
-        values["received_at"] = received_at
+    if row.received_at is not None:
+        values["received_at"] = row.received_at
     stmt = insert_for(session)(Inspection.__table__).values(values)
     session.execute(stmt.on_conflict_do_nothing(index_elements=["inspection_id"]))
 
 
-def upsert_audit(session: Session, row: dict[str, Any]) -> bool:
+def upsert_audit(session: Session, row: AuditRow) -> bool:
     """Write one audit result idempotently; return True if it was new, False if it existed.
 
-    ``row`` maps column names of ``audits`` to values; it must hold ``inspection_id``,
-    ``model_version``, ``method`` and ``status`` (``done``/``error``) and may hold any result
-    column, ``delivery_count``, but not ``id``/``duplicate_count``/timestamps. A matching
-    :func:`upsert_inspection` must have run first (foreign key). A ``suspected_false_negative``
-    of None is stored as False.
+    A matching :func:`upsert_inspection` must have run first (foreign key).
 
     On a conflict on (``inspection_id``, ``model_version``, ``method``) the existing row gets
     ``duplicate_count + 1``, ``updated_at = now`` and the larger ``delivery_count``; its
@@ -106,22 +93,19 @@ def upsert_audit(session: Session, row: dict[str, Any]) -> bool:
     ``INSERT … ON CONFLICT DO UPDATE … RETURNING duplicate_count``, decides, so concurrent
     writers of one key end with one row.
 
-    Raises ``ValueError`` for a missing key, an unknown column or a bad status, and
-    ``sqlalchemy.exc.IntegrityError`` when the inspection row is missing.
+    Raises:
+        ValueError: an empty key field, a bad status or a ``delivery_count`` below 1.
+        sqlalchemy.exc.IntegrityError: the inspection row is missing.
     """
-    unknown = set(row) - _AUDIT_WRITABLE
-    if unknown:
-        raise ValueError(f"not writable audit columns: {sorted(unknown)}")
-    missing = [k for k in (*AUDIT_KEY_COLUMNS, "status") if row.get(k) is None]
+    missing = [k for k, v in zip(AUDIT_KEY_COLUMNS, row.key, strict=True) if not v]
     if missing:
         raise ValueError(f"audit row lacks {missing}")
-    if row["status"] not in AUDIT_STATUSES:
-        raise ValueError(f"status must be one of {AUDIT_STATUSES}, got {row['status']!r}")
-    values = dict(row)
-    if values.get("suspected_false_negative") is None:
-        values["suspected_false_negative"] = False
-    if values.get("delivery_count") is None:
-        values["delivery_count"] = 1
+    if row.status not in AUDIT_STATUSES:
+        raise ValueError(f"status must be one of {AUDIT_STATUSES}, got {row.status!r}")
+    if row.delivery_count < 1:
+        raise ValueError(f"delivery_count must be >= 1, got {row.delivery_count}")
+    values = {name: getattr(row, name) for name in _AUDIT_WRITABLE}
+    values["suspected_false_negative"] = bool(row.suspected_false_negative)
 
     table = Audit.__table__
     stmt = insert_for(session)(table).values(values)

@@ -14,16 +14,28 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, create_model, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-DecisionMethod = Literal[
-    "msp", "energy", "iou_gap", "iou_gap_adv", "iou_defect", "iou_defect_adv", "fusion"
-]
+from worker.engine.methods import REGISTRY
+from worker.engine.options import EngineConfig, option_fields
+
+#: One setting per exposed engine option (``INSPECTION_AUDIT_THETA`` …), derived from
+#: :class:`worker.engine.options.EngineConfig`: the options are declared once, there.
+_EngineSettings: type[BaseSettings] = create_model(  # type: ignore[call-overload]
+    "_EngineSettings",
+    __base__=BaseSettings,
+    **{o.name: (o.type, Field(default=o.default, description=o.help)) for o in option_fields()},
+)
 
 
-class Settings(BaseSettings):
-    """Configuration of producer, worker and database (env prefix ``INSPECTION_AUDIT_``)."""
+class Settings(_EngineSettings):  # type: ignore[misc,valid-type]
+    """Configuration of producer, worker and database (env prefix ``INSPECTION_AUDIT_``).
+
+    The engine options (``attack``, ``epsilon``, ``theta`` … ``target_layer``) are fields too,
+    derived from :class:`~worker.engine.options.EngineConfig`; :meth:`engine_config` gathers
+    them, and validation refuses a combination the engine would refuse.
+    """
 
     model_config = SettingsConfigDict(
         env_prefix="INSPECTION_AUDIT_", env_file=".env", extra="ignore", frozen=True
@@ -94,19 +106,34 @@ class Settings(BaseSettings):
     min_image_side: int = Field(default=16, ge=1)
     max_aspect_ratio: float = Field(default=20.0, ge=1.0)
 
-    # --- engine ----------------------------------------------------------------------------------
-    attack: Literal["none", "fgsm", "pgd"] = "fgsm"
-    epsilon: float = Field(default=2 / 255, ge=0.0, le=1.0, description="ε in [0,1] pixel units.")
-    pgd_steps: int = Field(default=5, ge=1)
-    binarize: Literal["threshold", "otsu", "topk"] = "threshold"
-    theta: float = Field(default=0.5, ge=0.0, le=1.0)
-    topk: float = Field(default=0.2, gt=0.0, le=1.0)
-    agnostic: Literal["eigen", "mean"] = "eigen"
-    iou: Literal["binary", "soft"] = "binary"
-    decision_method: DecisionMethod = Field(
+    # --- decision ---------------------------------------------------------------------------
+    decision_method: str = Field(
         default="iou_gap_adv",
-        description="Which score and calibrated τ decide `suspected_false_negative`.",
+        description="Which score and calibrated τ decide `suspected_false_negative` "
+        "(a name in worker.engine.methods.REGISTRY).",
     )
+
+    @field_validator("decision_method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        if value not in REGISTRY:
+            raise ValueError(
+                f"unknown decision method {value!r}; choose from {', '.join(REGISTRY.names())}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _engine_options_valid(self) -> Settings:
+        self.engine_config()  # the engine's own checks, with its own messages
+        return self
+
+    def engine_config(self) -> EngineConfig:
+        """The engine options of these settings.
+
+        Raises:
+            ValueError: an option the engine refuses (e.g. ``theta = 0``).
+        """
+        return EngineConfig(**{o.name: getattr(self, o.name) for o in option_fields()})
 
     @field_validator("image_roots", mode="before")
     @classmethod

@@ -4,7 +4,7 @@
 >>> enqueue("L1-000123", "2024/06/01/000123.png", "ok", 0.031, line="L1", station="S3")
 
 ``import producer`` does not import torch. Checking an image *path* does, for now, because
-it uses :func:`worker.preprocess.resolve_under_roots`.
+it uses :func:`worker.model.preprocess.resolve_under_roots`.
 """
 
 from producer.api import EnqueueError, enqueue, enqueue_many, get_app, prepare_message, reset_apps

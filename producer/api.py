@@ -76,7 +76,7 @@ _APPS_LOCK = threading.Lock()
 def get_app(settings: Settings | None = None) -> Celery:
     """The producer's Celery app for ``settings`` (cached per distinct settings, thread-safe).
 
-    Built by :func:`worker.celery_app.make_celery` (no torch import). For a Redis broker the
+    A sending-only app built by :func:`worker.app.create_app` (no torch import). For a Redis broker the
     socket connect/read timeouts are bounded by ``settings.enqueue_timeout_s`` (at most 5 s),
     so an unreachable host cannot hang a send.
     """
@@ -85,9 +85,9 @@ def get_app(settings: Settings | None = None) -> Celery:
     with _APPS_LOCK:
         app = _APPS.get(key)
         if app is None:
-            from worker.celery_app import make_celery
+            from worker.app import create_app
 
-            app = make_celery(settings)
+            app = create_app(settings, worker=False)
             if settings.resolved_broker_url.startswith(("redis://", "rediss://")):
                 t = min(float(settings.enqueue_timeout_s), 5.0)
                 opts = dict(app.conf.broker_transport_options or {})
@@ -142,7 +142,7 @@ def _wire_path(resolved: Path, roots: list[Path]) -> str:
 
 
 def _check_path_image(msg: InspectionMessage, settings: Settings) -> InspectionMessage:
-    from worker.images import ImageError, ImageLimits, read_image_bytes, resolve_under_roots
+    from worker.model.images import ImageError, ImageLimits, read_image_bytes, resolve_under_roots
 
     given = msg.image_path or ""
 
@@ -211,7 +211,7 @@ def _send(
     app: Celery | None,
     on_sent: Callable[[InspectionMessage], None] | None,
 ) -> list[str]:
-    from worker.celery_app import TASK_NAME
+    from worker.app import TASK_NAME
 
     app = app or get_app(settings)
     policy = retry_policy(settings.enqueue_timeout_s)

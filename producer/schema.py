@@ -2,7 +2,7 @@
 
 One message asks for one inspection to be audited. On the wire it is the JSON object made by
 :meth:`InspectionMessage.to_json_dict`, passed as the single positional argument of the Celery
-task ``worker.celery_app.TASK_NAME`` with the JSON serializer (never pickle)::
+task ``worker.app.TASK_NAME`` with the JSON serializer (never pickle)::
 
     {"schema_version": 1,
      "inspection_id": "L1-000123",             # the line's own id, unique per inspection
@@ -273,11 +273,11 @@ class InspectionMessage(BaseModel):
 
         Inline images are decoded from ``image_b64``. For ``image_path`` the file is read after
         confining it to ``roots`` (symlinks resolved; see
-        :func:`worker.preprocess.resolve_under_roots`).
+        :func:`worker.model.preprocess.resolve_under_roots`).
 
         Raises:
             MessageError: the message has an ``image_path`` and no ``roots`` were given.
-            worker.preprocess.ImageError: the path lies outside ``roots`` or cannot be read.
+            worker.model.preprocess.ImageError: the path lies outside ``roots`` or cannot be read.
         """
         if self.image_b64 is not None:
             return base64.b64decode(self.image_b64, validate=True)
@@ -286,7 +286,7 @@ class InspectionMessage(BaseModel):
                 [("image_path", "reading a path needs the image roots (pass roots=...)")],
                 inspection_id=self.inspection_id,
             )
-        from worker.images import ImageError, resolve_under_roots
+        from worker.model.images import ImageError, resolve_under_roots
 
         path = resolve_under_roots(self.image_path or "", roots)
         try:

@@ -1,3 +1,3 @@
 """Shared pytest configuration. Fixtures live in per-area modules registered as plugins."""
 
-pytest_plugins = ["tests.fixtures_db", "tests.fixtures_queue", "tests.fixtures_models"]
+pytest_plugins = ["tests.support.db", "tests.support.queue", "tests.support.models"]

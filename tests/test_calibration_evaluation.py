@@ -10,17 +10,17 @@ import pytest
 from click.testing import CliRunner
 
 from inspection_audit.cli import main
-from tests.fixtures_models import tiny_manifest
+from inspection_audit.lab.stats import clopper_pearson, compute_metrics, method_metrics
+from tests.support.models import tiny_manifest
 from worker.engine.calibration import (
     Calibration,
     CalibrationError,
-    Fusion,
     calibrate,
     load_calibration,
     sidecar_path,
     tau_for_recall,
 )
-from worker.evaluation import clopper_pearson, compute_metrics, method_metrics
+from worker.engine.fusion import Fusion
 
 
 # -- τ and the decision ---------------------------------------------------------------------------
@@ -117,7 +117,9 @@ def test_fusion_is_a_standardised_logistic_model() -> None:
     fitted = Fusion.fit(rows, y.tolist(), features=["iou_gap"])
     assert fitted.coef[0] > 0  # the informative feature gets a positive weight
     assert (
-        Calibration.from_dict({**Calibration("m", "val", 1.0, {}, {}, fitted).to_dict()}).fusion
+        Calibration.from_dict(
+            {**Calibration("m", "val", 1.0, {}, {}, {"fusion": fitted}).to_dict()}
+        ).fusion
         == fitted
     )
 
@@ -149,7 +151,7 @@ def test_method_metrics_hand_case() -> None:
 
 def test_compute_metrics_counts_and_orientation() -> None:
     rows = [_row(0.4, 0.5, 0.5, energy=-1.0), _row(0.1, -0.5, -0.5, energy=-5.0), _row(0.9, 0, 0)]
-    cal = Calibration("m", "val", 1.0, {}, {m: {"tau": 0.0} for m in ("msp", "iou_gap")}, None)
+    cal = Calibration("m", "val", 1.0, {}, {m: {"tau": 0.0} for m in ("msp", "iou_gap")})
     out = compute_metrics(rows, np.array([1, 0, 1]), [cal], n_boot=20)
     c = out["counts"]
     assert (c["n_images"], c["n_predicted_ok"], c["n_false_negative"], c["n_true_negative"]) == (

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from tests.fixtures_models import TINY_MEAN, TINY_STD, tiny_checkpoint, tiny_model
-from worker.checkpoint import (
+from tests.support.models import TINY_MEAN, TINY_STD, tiny_checkpoint, tiny_model
+from worker.model.checkpoint import (
     CheckpointError,
     NormalizedModel,
     build_backbone,

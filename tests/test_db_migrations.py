@@ -28,7 +28,7 @@ def test_upgrade_downgrade_upgrade(fixture: str, request: pytest.FixtureRequest)
     tables, views = _schema(url)
     assert tables >= TABLES
     assert "review_queue" in views
-    assert current(url) == head() == "0002"
+    assert current(url) == head() == "0003"
 
     downgrade(url)
     tables, views = _schema(url)
@@ -40,7 +40,7 @@ def test_upgrade_downgrade_upgrade(fixture: str, request: pytest.FixtureRequest)
     tables, views = _schema(url)
     assert tables >= TABLES
     assert "review_queue" in views
-    assert current(url) == "0002"
+    assert current(url) == "0003"
 
 
 def test_migrated_schema_matches_models(migrated_url: str) -> None:
@@ -69,6 +69,93 @@ def test_upgrade_creates_sqlite_folder(tmp_path) -> None:  # type: ignore[no-unt
     try:
         upgrade(url)
         assert (tmp_path / "a" / "b" / "audit.sqlite3").exists()
-        assert current(url) == "0002"
+        assert current(url) == "0003"
     finally:
         dispose_engines(url)
+
+
+OLD_SCORES = {
+    "p_defect": 0.1,
+    "energy": -1.5,
+    "iou_defect": 0.6,
+    "iou_ok": 0.1,
+    "iou_gap": 0.5,
+    "p_defect_adv": 0.4,
+    "iou_defect_adv": 0.7,
+    "iou_ok_adv": 0.05,
+    "iou_gap_adv": 0.65,
+    "fusion_score": 0.3,
+}
+
+
+@pytest.mark.parametrize("fixture", ["sqlite_url", "pg_url"])
+def test_0003_moves_scores_into_json_and_back_without_loss(
+    fixture: str, request: pytest.FixtureRequest
+) -> None:
+    """Rows written under 0002 (one column per score) keep every value through 0003 (JSON
+    ``scores``/``details``, read by name through ``audit_scores``) and back down to 0002."""
+    url = request.getfixturevalue(fixture)
+    upgrade(url, "0002")
+    engine = make_engine(url)
+    cols = ", ".join(OLD_SCORES)
+    marks = ", ".join(f":{c}" for c in OLD_SCORES)
+    with engine.begin() as c:
+        c.execute(
+            sa.text(
+                "INSERT INTO inspections (inspection_id, image_ref, captured_at, prediction, score) "
+                "VALUES ('A', 'a.png', :t, 'ok', 0.1), ('B', 'b.png', :t, 'ok', 0.2)"
+            ),
+            {"t": "2026-01-01 00:00:00+00:00"},
+        )
+        c.execute(
+            sa.text(
+                f"INSERT INTO audits (inspection_id, model_version, method, status, {cols}, "
+                "flipped, decision_score, tau, suspected_false_negative) VALUES "
+                f"('A', 'v', 'iou_gap_adv', 'done', {marks}, :flipped, 0.65, 0.2, :flag)"
+            ),
+            {**OLD_SCORES, "flipped": True, "flag": True},
+        )
+        c.execute(
+            sa.text(
+                "INSERT INTO audits (inspection_id, model_version, method, status, error) "
+                "VALUES ('B', 'v', 'iou_gap_adv', 'error', 'bad image')"
+            )
+        )
+
+    upgrade(url)
+    assert current(url) == "0003"
+    with engine.connect() as c:
+        got = {
+            r.method: r.value
+            for r in c.execute(sa.text("SELECT method, value FROM audit_scores")).all()
+        }
+        queue = c.execute(
+            sa.text("SELECT inspection_id, iou_gap, iou_gap_adv, p_defect_adv FROM review_queue")
+        ).all()
+        b_scores = c.execute(sa.text("SELECT scores FROM audits WHERE inspection_id = 'B'")).one()
+    assert got == pytest.approx(
+        {
+            "msp": 0.1,
+            "energy": -1.5,
+            "iou_gap": 0.5,
+            "iou_gap_adv": 0.65,
+            "iou_defect": 0.6,
+            "iou_defect_adv": 0.7,
+            "fusion": 0.3,
+        }
+    )
+    assert [(q[0], q[1], q[2], q[3]) for q in queue] == [("A", 0.5, 0.65, 0.4)]
+    assert b_scores[0] is None  # an error row has no scores
+
+    downgrade(url, "0002")
+    assert current(url) == "0002"
+    with engine.connect() as c:
+        row = c.execute(
+            sa.text(f"SELECT {cols}, flipped FROM audits WHERE inspection_id = 'A'")
+        ).one()
+        err = c.execute(
+            sa.text(f"SELECT status, error, {cols} FROM audits WHERE inspection_id = 'B'")
+        ).one()
+    assert dict(zip(OLD_SCORES, row[:-1], strict=True)) == pytest.approx(OLD_SCORES)
+    assert bool(row[-1]) is True
+    assert err[0] == "error" and err[1] == "bad image" and all(v is None for v in err[2:])

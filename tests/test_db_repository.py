@@ -18,6 +18,7 @@ from db.repository import (
     upsert_audit,
     upsert_inspection,
 )
+from db.rows import AuditRow, InspectionRow
 from db.session import session_scope
 
 T0 = datetime(2026, 11, 29, 8, 0, tzinfo=UTC)
@@ -36,25 +37,25 @@ def add_inspection(url: str, inspection_id: str, minutes: int = 0, **kw: Any) ->
     }
     values.update(kw)
     with session_scope(url) as s:
-        upsert_inspection(s, **values)
+        upsert_inspection(s, InspectionRow(**values))
 
 
-def done_row(inspection_id: str, decision_score: float, flagged: bool, **kw: Any) -> dict[str, Any]:
+def done_row(inspection_id: str, decision_score: float, flagged: bool, **kw: Any) -> AuditRow:
     row: dict[str, Any] = {
         "inspection_id": inspection_id,
         "model_version": MV,
         "method": "iou_gap_adv",
         "status": "done",
         "p_defect": 0.2,
-        "energy": -1.5,
-        "iou_defect": 0.6,
-        "iou_ok": 0.1,
-        "iou_gap": 0.5,
-        "p_defect_adv": 0.4,
-        "iou_defect_adv": 0.7,
-        "iou_ok_adv": 0.05,
-        "iou_gap_adv": decision_score,
-        "flipped": False,
+        "scores": {
+            "msp": 0.2,
+            "energy": -1.5,
+            "iou_defect": 0.6,
+            "iou_gap": 0.5,
+            "iou_defect_adv": 0.7,
+            "iou_gap_adv": decision_score,
+        },
+        "details": {"iou_ok": 0.1, "p_defect_adv": 0.4, "iou_ok_adv": 0.05, "flipped": False},
         "decision_score": decision_score,
         "tau": 0.3,
         "suspected_false_negative": flagged,
@@ -66,10 +67,10 @@ def done_row(inspection_id: str, decision_score: float, flagged: bool, **kw: Any
         "total_ms": 21.5,
     }
     row.update(kw)
-    return row
+    return AuditRow(**row)
 
 
-def error_row(inspection_id: str, **kw: Any) -> dict[str, Any]:
+def error_row(inspection_id: str, **kw: Any) -> AuditRow:
     row: dict[str, Any] = {
         "inspection_id": inspection_id,
         "model_version": MV,
@@ -79,10 +80,10 @@ def error_row(inspection_id: str, **kw: Any) -> dict[str, Any]:
         "worker_host": "w1",
     }
     row.update(kw)
-    return row
+    return AuditRow(**row)
 
 
-def upsert(url: str, row: dict[str, Any]) -> bool:
+def upsert(url: str, row: AuditRow) -> bool:
     with session_scope(url) as s:
         return upsert_audit(s, row)
 
@@ -227,27 +228,34 @@ def test_error_then_error_keeps_first(migrated_url: str) -> None:
 @pytest.mark.parametrize(
     ("row", "message"),
     [
-        ({"inspection_id": "A", "model_version": MV, "status": "done"}, "lacks"),
-        ({"inspection_id": "A", "model_version": MV, "method": "m", "status": "late"}, "status"),
-        ({"inspection_id": "A", "model_version": MV, "method": "m", "status": "done", "x": 1}, "x"),
-        (
-            {
-                "inspection_id": "A",
-                "model_version": MV,
-                "method": "m",
-                "status": "done",
-                "duplicate_count": 3,
-            },
-            "duplicate_count",
-        ),
+        (AuditRow("A", MV, "", "done"), "lacks"),
+        (AuditRow("A", MV, "m", "late"), "status"),  # type: ignore[arg-type]
+        (AuditRow("A", MV, "m", "done", delivery_count=0), "delivery_count"),
     ],
 )
-def test_upsert_audit_rejects_bad_rows(
-    migrated_url: str, row: dict[str, Any], message: str
-) -> None:
+def test_upsert_audit_rejects_bad_rows(migrated_url: str, row: AuditRow, message: str) -> None:
     add_inspection(migrated_url, "A")
     with pytest.raises(ValueError, match=message):
         upsert(migrated_url, row)
+
+
+def test_scores_are_queryable_by_method_name(migrated_url: str) -> None:
+    """``audit_scores`` exposes every method's value by name on both dialects."""
+    from db.models import audit_scores_view
+
+    add_inspection(migrated_url, "A")
+    add_inspection(migrated_url, "B")
+    upsert(migrated_url, done_row("A", 0.9, True))
+    upsert(migrated_url, error_row("B"))
+    v = audit_scores_view.c
+    with session_scope(migrated_url) as s:
+        got = s.execute(
+            sa.select(v.inspection_id, v.value, v.decision_method).where(v.method == "iou_gap_adv")
+        ).all()
+        names = set(s.execute(sa.select(v.method).where(v.inspection_id == "A")).scalars())
+    assert [(r[0], r[2]) for r in got] == [("A", "iou_gap_adv")]
+    assert got[0][1] == pytest.approx(0.9)
+    assert names == {"msp", "energy", "iou_defect", "iou_gap", "iou_defect_adv", "iou_gap_adv"}
 
 
 def test_upsert_audit_requires_the_inspection(migrated_url: str) -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.fixtures_models import tiny_model
+from tests.support.models import tiny_model
 from worker.engine import EngineConfig, ReliabilityEngine, fgsm, fgsm_step, pgd
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -21,7 +21,7 @@ from pytorch_grad_cam import EigenCAM, GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from tests.fixtures_models import tiny_model
+from tests.support.models import tiny_model
 from worker.engine import (
     EngineConfig,
     ReliabilityEngine,

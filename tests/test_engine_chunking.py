@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from worker.checkpoint import NormalizedModel, build_backbone
 from worker.engine import EngineConfig, ReliabilityEngine
+from worker.model.checkpoint import NormalizedModel, build_backbone
 
 
 @pytest.mark.parametrize("attack", ["none", "fgsm"])

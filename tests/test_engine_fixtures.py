@@ -1,4 +1,4 @@
-"""The shared model/dataset factories in ``tests/fixtures_models.py`` do what they promise."""
+"""The shared model/dataset factories in ``tests/support/models.py`` do what they promise."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tests import fixtures_models as fm
-from worker.checkpoint import load_checkpoint
-from worker.dataset import read_manifest
+from inspection_audit.lab.dataset import read_manifest
+from tests.support import models as fm
 from worker.engine import EngineConfig, ReliabilityEngine
+from worker.model.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.fixtures_models import tiny_checkpoint, tiny_model
-from worker.checkpoint import load_checkpoint, save_checkpoint
+from tests.support.models import tiny_checkpoint, tiny_model
 from worker.engine import (
     CamError,
     EngineConfig,
@@ -20,6 +19,7 @@ from worker.engine import (
     binary_iou,
     minmax_normalize,
 )
+from worker.model.checkpoint import load_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -13,7 +13,7 @@ from inspection_audit.settings import Settings
 def test_visibility_timeout_in_all_three_places_and_swept_in_time(
     tmp_path: Path, vt: int, interval: int
 ) -> None:
-    from worker.celery_app import celery_config
+    from worker.app import celery_config
 
     c = celery_config(
         Settings(broker_url="redis://127.0.0.1:6379/0", home=tmp_path, visibility_timeout_s=vt)
@@ -27,7 +27,7 @@ def test_visibility_timeout_in_all_three_places_and_swept_in_time(
 
 
 def test_delivery_settings(tmp_path: Path) -> None:
-    from worker.celery_app import celery_config
+    from worker.app import celery_config
 
     c = celery_config(
         Settings(home=tmp_path, batch_size=8, prefetch_multiplier=1, broker_url="redis://x:1/0")
@@ -41,16 +41,46 @@ def test_delivery_settings(tmp_path: Path) -> None:
     assert "unacked_restore_interval" not in fs["broker_transport_options"]
 
 
-def test_pool_processes_dispose_inherited_engines() -> None:
-    """``worker_process_init`` runs ``worker.runtime.init_process``, which disposes the
-    SQLAlchemy engines inherited over fork (``db.session.dispose_engines``)."""
-    import inspect
+def test_pool_processes_dispose_inherited_engines(tmp_path: Path) -> None:
+    """A pool process forked from a parent that holds a database engine starts without it.
+
+    The app built by ``create_app`` wires ``worker_process_init`` to ``init_process``; firing
+    that signal in a forked child (as billiard does) drops the inherited engine there, pins the
+    torch threads, and leaves the parent's engine and its pooled connection untouched.
+    """
+    import os
 
     from celery import signals
 
-    import worker.runtime
-    import worker.tasks
+    import db.session
+    from db.session import make_engine
+    from worker.app import create_app
 
-    receivers = [r[1]() for r in signals.worker_process_init.receivers]
-    assert worker.tasks._on_process_init in receivers
-    assert "dispose_engines()" in inspect.getsource(worker.runtime.init_process)
+    url = f"sqlite:///{(tmp_path / 'a.sqlite3').as_posix()}"
+    settings = Settings(home=tmp_path, database_url=url, torch_threads=1)
+    parent_engine = make_engine(url)
+    with parent_engine.connect() as conn:
+        conn.exec_driver_sql("SELECT 1")
+    create_app(settings)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the "pool process"
+        try:
+            os.close(read)
+            inherited = url in db.session._engines
+            signals.worker_process_init.send(sender=None)
+            import torch
+
+            ok = inherited and url not in db.session._engines and torch.get_num_threads() == 1
+            os.write(write, b"ok" if ok else b"fail")
+        finally:
+            os._exit(0)
+    os.close(write)
+    answer = os.read(read, 16)
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert answer == b"ok"
+    assert db.session._engines[url][1] is parent_engine  # the parent keeps its engine
+    with parent_engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT 1").scalar() == 1
+    db.session.dispose_engines(url)

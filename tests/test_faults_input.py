@@ -30,8 +30,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from tests.fixtures_models import tiny_checkpoint
-from tests.pipeline_utils import (
+from tests.support.models import tiny_checkpoint
+from tests.support.workers import (
     WorkerProc,
     audit_rows,
     make_images,
@@ -79,9 +79,9 @@ def _msg(iid: str, image_path: str | None = None, **over: Any) -> dict[str, Any]
 def _send_raw(broker: str, payloads: list[Any], **options: Any) -> None:
     """Send task messages with no validation at all (JSON unless ``serializer`` says otherwise)."""
     from inspection_audit.settings import Settings
-    from worker.celery_app import TASK_NAME, make_celery
+    from worker.app import TASK_NAME, create_app
 
-    app = make_celery(Settings(broker_url=broker, queue=QUEUE))
+    app = create_app(Settings(broker_url=broker, queue=QUEUE), worker=False)
     options.setdefault("serializer", "json")
     try:
         for p in payloads:

@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 
 from inspection_audit.settings import Settings
-from tests.fixtures_models import tiny_checkpoint
-from tests.pipeline_utils import (
+from tests.support.models import tiny_checkpoint
+from tests.support.workers import (
     audit_rows,
     make_images,
     start_worker,
@@ -100,11 +100,11 @@ class RedisServer:
         )
 
     def queue_ids(self, queue: str) -> list[str]:
-        """The inspection ids waiting in ``queue``, oldest first (see fixtures_queue)."""
+        """The inspection ids waiting in ``queue``, oldest first (see tests.support.queue)."""
         return [e["decoded_body"][0][0]["inspection_id"] for e in self.queue(queue)]
 
     def queue(self, queue: str) -> list[dict[str, Any]]:
-        from tests.fixtures_queue import redis_queue_messages
+        from tests.support.queue import redis_queue_messages
 
         return redis_queue_messages(queue, url=self.url)
 

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import torch
 
-from tests.fixtures_models import tiny_checkpoint
-from tests.pipeline_utils import cli_command, worker_env
+from tests.support.models import tiny_checkpoint
+from tests.support.workers import cli_command, worker_env
 
 
 class _TouchOnUnpickle:

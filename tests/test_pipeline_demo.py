@@ -10,13 +10,13 @@ from pathlib import Path
 import click
 import pytest
 
-from tests.fixtures_models import tiny_manifest
-from tests.pipeline_utils import cli_command, worker_env
+from tests.support.models import tiny_manifest
+from tests.support.workers import cli_command, worker_env
 
 
 @pytest.mark.slow
 def test_demo_embedded_default(tmp_path: Path) -> None:
-    from worker.dataset import read_manifest
+    from inspection_audit.lab.dataset import read_manifest
 
     manifest = tiny_manifest(tmp_path, n_ok=20, n_defect=15, size=48)
     n_test = len(read_manifest(manifest, "test"))
@@ -54,7 +54,7 @@ def test_demo_embedded_default(tmp_path: Path) -> None:
 def test_demo_without_dataset_says_where_to_get_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from inspection_audit.cli_demo import find_dataset
+    from inspection_audit.lab.demo import find_dataset
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(click.ClickException) as err:
@@ -67,7 +67,7 @@ def test_demo_without_dataset_says_where_to_get_one(
 
 
 def test_demo_model_cache_key(tmp_path: Path) -> None:
-    from inspection_audit.cli_demo import model_cache_path
+    from inspection_audit.lab.demo import model_cache_path
 
     m = tmp_path / "manifest.csv"
     m.write_text("path,label,defect_type,mask_path,split\n")

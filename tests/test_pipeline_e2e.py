@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from inspection_audit.settings import Settings
-from tests.fixtures_models import tiny_checkpoint
-from tests.pipeline_utils import (
+from tests.support.models import tiny_checkpoint
+from tests.support.workers import (
     engine_scores,
     make_images,
     start_worker,

@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 
+from inspection_audit.procs import wait_for
 from inspection_audit.settings import Settings
-from tests.fixtures_models import tiny_checkpoint
-from tests.pipeline_utils import (
+from tests.support.models import tiny_checkpoint
+from tests.support.workers import (
     audit_rows,
     make_images,
     start_worker,
@@ -57,9 +58,9 @@ def _env(tmp_path: Path, qs: Settings, url: str, ckpt: Path, **extra: Any) -> di
 
 def _send_raw(qs: Settings, payloads: list[Any]) -> None:
     """Send task messages as a careless or hostile producer would: no validation at all."""
-    from worker.celery_app import TASK_NAME, make_celery
+    from worker.app import TASK_NAME, create_app
 
-    app = make_celery(qs)
+    app = create_app(qs, worker=False)
     try:
         for p in payloads:
             app.send_task(TASK_NAME, args=[p], queue=qs.queue, serializer="json")
@@ -169,10 +170,11 @@ def test_lost_worker_requeues_and_cap_gives_up(
 
     import sqlalchemy as sa
 
-    from db.deliveries import DeliveryAttempt, delivery_attempts, record_deliveries
+    from db.deliveries import delivery_attempts, record_deliveries
+    from db.models import DeliveryAttempt
     from db.session import make_engine, session_scope
     from producer.api import enqueue_many, reset_apps
-    from worker.checkpoint import load_checkpoint
+    from worker.model.checkpoint import load_checkpoint
 
     images = make_images(tmp_path / "img", 2)
     ckpt = tiny_checkpoint(tmp_path, size=(48, 48))
@@ -204,10 +206,11 @@ def test_lost_worker_requeues_and_cap_gives_up(
             settings=queue_settings.model_copy(update={"image_roots": [tmp_path / "img"]}),
         )
         reset_apps()
-        # Wait until the batch was counted and the writer is blocked on our lock.
-        deadline = time.monotonic() + 60
-        pid = None
-        while time.monotonic() < deadline:
+        # Wait until the batch was counted and the writer is blocked on our lock (an ungranted
+        # lock of this test's own database: other tests' databases are not ours to watch).
+        found: dict[str, int] = {}
+
+        def writer_blocked() -> bool:
             with session_scope(migrated_pg_url) as s:
                 host = s.execute(
                     sa.select(DeliveryAttempt.last_worker).where(
@@ -215,15 +218,27 @@ def test_lost_worker_requeues_and_cap_gives_up(
                     )
                 ).scalar_one_or_none()
                 waiting = s.execute(
-                    sa.text("SELECT count(*) FROM pg_locks WHERE NOT granted")
+                    sa.text(
+                        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a "
+                        "ON a.pid = l.pid WHERE NOT l.granted AND a.datname = current_database()"
+                    )
                 ).scalar_one()
             if host and waiting:
-                pid = int(host.rsplit(":", 1)[1])
-                break
-            time.sleep(0.2)
-        assert pid is not None, f"the worker never blocked on the write:\n{w.tail()}"
+                found["pid"] = int(host.rsplit(":", 1)[1])
+            return "pid" in found
+
+        assert wait_for(writer_blocked, 60, [w]), f"the worker never blocked:\n{w.tail()}"
+        pid = found["pid"]
         os.kill(pid, signal.SIGKILL)  # the pool process this worker forked
-        time.sleep(0.5)
+
+        def gone() -> bool:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            return False
+
+        assert wait_for(gone, 30), "the pool process did not die"
         tx.rollback()
         rows = {r["inspection_id"]: r for r in wait_rows(migrated_pg_url, ids, [w], timeout=90)}
     finally:
@@ -250,7 +265,7 @@ def test_database_fault_is_retried(
 
     from db.session import dispose_engines
     from producer.api import enqueue_many, reset_apps
-    from tests.fixtures_db import pg_admin_url
+    from tests.support.db import pg_admin_url
 
     images = make_images(tmp_path / "img", 3)
     ckpt = tiny_checkpoint(tmp_path, size=(48, 48))
@@ -279,12 +294,8 @@ def test_database_fault_is_retried(
         qs = queue_settings.model_copy(update={"image_roots": [tmp_path / "img"]})
         ids = enqueue_many([_msg(f"dbf-{i}", p.name) for i, p in enumerate(images)], settings=qs)
         reset_apps()
-        deadline = time.monotonic() + 60
-        while "database fault" not in w.text() and time.monotonic() < deadline:
-            assert w.proc.poll() is None, w.tail()
-            time.sleep(0.2)
-        assert "database fault" in w.text(), w.tail()
-        time.sleep(1.5)  # a retry or two more
+        # the worker retries (at least twice) while the database refuses it
+        assert wait_for(lambda: "retry 2/10" in w.text(), 60, [w]), w.tail()
     finally:
         with admin.connect() as c:
             c.exec_driver_sql(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
@@ -304,7 +315,7 @@ def test_warm_shutdown_returns_buffered_messages(
 ) -> None:
     """Messages waiting in the micro-batch buffer when the worker stops go back to the queue."""
     from producer.api import enqueue_many, reset_apps
-    from tests.fixtures_queue import redis_queue_length
+    from tests.support.queue import redis_queue_length
 
     images = make_images(tmp_path / "img", 3)
     ckpt = tiny_checkpoint(tmp_path, size=(48, 48))
@@ -317,10 +328,8 @@ def test_warm_shutdown_returns_buffered_messages(
         wait_ready([w])
         enqueue_many([_msg(f"buf-{i}", p.name) for i, p in enumerate(images)], settings=qs)
         reset_apps()
-        deadline = time.monotonic() + 20
-        while redis_queue_length(queue_settings) > 0:  # all three taken into the buffer
-            assert time.monotonic() < deadline, w.tail()
-            time.sleep(0.2)
+        # all three taken into the buffer
+        assert wait_for(lambda: redis_queue_length(queue_settings) == 0, 20, [w]), w.tail()
     finally:
         stop_workers([w])
     assert w.proc.returncode == 0, w.tail()

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from worker.preprocess import (
+from worker.model.preprocess import (
     ImageError,
     ImageLimits,
     decode_image,

@@ -16,8 +16,8 @@ from PIL import Image
 from inspection_audit.settings import Settings
 from producer import EnqueueError, InspectionMessage, MessageError, enqueue, enqueue_many
 from producer.api import retry_policy
-from tests.fixtures_queue import redis_queue_length, redis_queue_messages
-from worker.celery_app import TASK_NAME
+from tests.support.queue import redis_queue_length, redis_queue_messages
+from worker.app import TASK_NAME
 
 NOW = datetime(2024, 6, 1, 6, 15, 2, tzinfo=UTC)
 
@@ -339,7 +339,7 @@ def test_producer_import_is_torch_free() -> None:
     import subprocess
     import sys
 
-    code = "import sys, producer, producer.api, worker.celery_app; print('torch' in sys.modules)"
+    code = "import sys, producer, producer.api, worker.app; print('torch' in sys.modules)"
     out = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,

@@ -12,7 +12,7 @@ from PIL import Image
 
 from inspection_audit.cli import main
 from inspection_audit.settings import Settings
-from tests.fixtures_queue import redis_queue_length, redis_queue_messages
+from tests.support.queue import redis_queue_length, redis_queue_messages
 
 
 def _env(monkeypatch: pytest.MonkeyPatch, settings: Settings, root: Path | None = None) -> None:
@@ -130,10 +130,9 @@ def test_enqueue_run_model(
 ) -> None:
     import torch
 
-    from tests.fixtures_models import tiny_checkpoint
-    from worker.checkpoint import load_checkpoint
-    from worker.preprocess import preprocess
-    from worker.training import p_defect_from_logits
+    from tests.support.models import tiny_checkpoint
+    from worker.model.checkpoint import load_checkpoint, p_defect_from_logits
+    from worker.model.preprocess import preprocess
 
     ckpt = tiny_checkpoint(tmp_path / "ckpt")
     manifest = _dataset(tmp_path / "data")

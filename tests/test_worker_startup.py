@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures_models import tiny_checkpoint
-from tests.pipeline_utils import cli_command, worker_env
+from tests.support.models import tiny_checkpoint
+from tests.support.workers import cli_command, worker_env
 
 
 def _run_worker(tmp_path: Path, **values: object) -> tuple[int, list[str], float]:

@@ -14,12 +14,12 @@ from PIL import Image
 from sqlalchemy import exc as sa_exc
 
 from inspection_audit.settings import Settings
-from tests.fixtures_models import tiny_checkpoint
+from tests.support.models import tiny_checkpoint
 
 
 # --- overlay -----------------------------------------------------------------------------------
 def test_overlay_png(tmp_path: Path) -> None:
-    from worker.overlay import overlay_array, save_overlay
+    from worker.model.overlay import overlay_array, save_overlay
 
     img = torch.rand(1, 40, 48)
     cam = torch.zeros(5, 6)
@@ -42,7 +42,7 @@ def test_overlay_png(tmp_path: Path) -> None:
 
 # --- database faults ----------------------------------------------------------------------------
 def test_transient_classification() -> None:
-    from worker.runtime import is_transient_db_error
+    from worker.retry import is_transient_db_error
 
     assert is_transient_db_error(sa_exc.OperationalError("SELECT 1", {}, Exception("down")))
     assert is_transient_db_error(sa_exc.InterfaceError("SELECT 1", {}, Exception("closed")))
@@ -53,7 +53,7 @@ def test_transient_classification() -> None:
 
 
 def test_retries_with_backoff_then_succeeds(monkeypatch: pytest.MonkeyPatch) -> None:
-    import worker.runtime as tasks
+    import worker.retry as tasks
 
     slept: list[float] = []
     monkeypatch.setattr(tasks.time, "sleep", slept.append)
@@ -84,10 +84,17 @@ def test_retries_with_backoff_then_succeeds(monkeypatch: pytest.MonkeyPatch) -> 
     assert slept == []
 
 
-def test_backoff_is_capped() -> None:
-    from worker.runtime import backoff_delays
+def test_backoff_is_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+    import worker.retry as retry
 
-    d = backoff_delays(10, 3.0)
+    d: list[float] = []
+    monkeypatch.setattr(retry.time, "sleep", d.append)
+
+    def down() -> None:
+        raise sa_exc.OperationalError("SELECT 1", {}, Exception("down"))
+
+    with pytest.raises(retry.DatabaseUnavailable):
+        retry.with_db_retries(down, "test", Settings(task_max_retries=10, retry_backoff_max_s=3))
     assert len(d) == 10 and max(d) <= 3.0 and d[-1] >= 1.5
 
 
@@ -95,6 +102,7 @@ def test_backoff_is_capped() -> None:
 def test_delivery_counter(migrated_url: str) -> None:
     from db.deliveries import delivery_attempts, done_keys, record_deliveries
     from db.repository import upsert_audit, upsert_inspection
+    from db.rows import AuditRow, InspectionRow
     from db.session import session_scope
 
     a, b = ("i-1", "v1", "iou_gap_adv"), ("i-2", "v1", "iou_gap_adv")
@@ -106,23 +114,17 @@ def test_delivery_counter(migrated_url: str) -> None:
         assert done_keys(s, [a, b]) == set()
         upsert_inspection(
             s,
-            inspection_id="i-1",
-            image_ref="x.png",
-            line="L",
-            station="S",
-            captured_at=datetime.now(UTC),
-            prediction="ok",
-            score=0.1,
+            InspectionRow(
+                inspection_id="i-1",
+                image_ref="x.png",
+                line="L",
+                station="S",
+                captured_at=datetime.now(UTC),
+                prediction="ok",
+                score=0.1,
+            ),
         )
-        upsert_audit(
-            s,
-            {
-                "inspection_id": "i-1",
-                "model_version": "v1",
-                "method": "iou_gap_adv",
-                "status": "done",
-            },
-        )
+        upsert_audit(s, AuditRow("i-1", "v1", "iou_gap_adv", "done"))
     with session_scope(migrated_url) as s:
         assert done_keys(s, [a, b]) == {a}
         last = s.execute(
@@ -133,7 +135,7 @@ def test_delivery_counter(migrated_url: str) -> None:
 
 # --- runtime ------------------------------------------------------------------------------------------
 def _sidecar(ckpt: Path, **engine: object) -> None:
-    from worker.checkpoint import load_checkpoint
+    from worker.model.checkpoint import load_checkpoint
 
     version = load_checkpoint(ckpt).model_version
     ckpt.with_name(ckpt.name + ".calibration.json").write_text(
@@ -159,9 +161,9 @@ def test_runtime_without_calibration(tmp_path: Path) -> None:
     rt = load_runtime(s)
     assert rt.calibration is None and rt.engine.config.attack == "none"
     row = {"p_defect": 0.9, "iou_gap": 0.5, "iou_gap_adv": None}
-    assert rt.decide(row) == (None, None, False, None)  # iou_gap_adv is None without attack
+    assert rt.decide(row) == (None, None, False)  # iou_gap_adv is None without attack
     rt2 = load_runtime(s.model_copy(update={"decision_method": "iou_gap"}))
-    assert rt2.decide(row) == (0.5, None, False, None)
+    assert rt2.decide(row) == (0.5, None, False)
 
 
 def test_runtime_with_calibration_uses_its_engine_config(tmp_path: Path) -> None:
@@ -173,9 +175,9 @@ def test_runtime_with_calibration_uses_its_engine_config(tmp_path: Path) -> None
     assert "tau 0.1" in validate(s).describe()
     rt = load_runtime(s)
     assert rt.engine.config.attack == "pgd" and rt.engine.config.pgd_steps == 2
-    assert rt.pm.target_layer == "layer3" and rt.params["target_layer"] == "layer3"
-    assert rt.decide({"iou_gap_adv": 0.2}) == (0.2, 0.1, True, None)
-    assert rt.decide({"iou_gap_adv": 0.05}) == (0.05, 0.1, False, None)
+    assert rt.engine.target_layer_name == "layer3" and rt.params["target_layer"] == "layer3"
+    assert rt.decide({"iou_gap_adv": 0.2}) == (0.2, 0.1, True)
+    assert rt.decide({"iou_gap_adv": 0.05}) == (0.05, 0.1, False)
     x = torch.rand(2, 1, 48, 48)
     assert len(rt.engine.score(x).rows()) == 2
 

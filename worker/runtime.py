@@ -16,27 +16,22 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import socket
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from inspection_audit.settings import Settings, get_settings
+from inspection_audit.settings import Settings
 
 if TYPE_CHECKING:
-    import torch
-
-    from worker.checkpoint import ProductionModel
     from worker.engine.calibration import Calibration
-    from worker.engine.score import EngineConfig, ReliabilityEngine
+    from worker.engine.options import EngineConfig
+    from worker.engine.score import ReliabilityEngine
+    from worker.model.checkpoint import ProductionModel
 
 log = logging.getLogger("inspection_audit.worker")
-
-T = TypeVar("T")
 
 
 class RuntimeConfigError(RuntimeError):
@@ -76,20 +71,11 @@ def engine_config_for(settings: Settings, calibration: Calibration | None) -> En
     τ is only meaningful for the configuration it was calibrated with, so a calibration
     sidecar's ``engine`` section wins over the settings; without a sidecar the settings decide.
     """
-    from worker.engine.score import EngineConfig
+    from worker.engine.options import EngineConfig
 
     if calibration is not None and calibration.engine:
         return EngineConfig.from_dict(calibration.engine)
-    return EngineConfig(
-        binarize=settings.binarize,
-        theta=settings.theta,
-        topk=settings.topk,
-        agnostic=settings.agnostic,
-        iou=settings.iou,
-        attack=settings.attack,
-        epsilon=settings.epsilon,
-        pgd_steps=settings.pgd_steps,
-    )
+    return settings.engine_config()
 
 
 @dataclass
@@ -137,36 +123,54 @@ def _checkpoint_path(settings: Settings) -> Path:
     return Path(settings.model).expanduser().resolve()
 
 
-def validate(settings: Settings | None = None) -> ModelSummary:
-    """Load the checkpoint and its calibration sidecar once on the CPU, to refuse bad ones early.
-
-    Never touches CUDA. The loaded model is discarded.
+def _load(settings: Settings, device: str) -> tuple[ProductionModel, Calibration | None, Any]:
+    """Checkpoint, sidecar and engine for ``settings`` on ``device``.
 
     Raises:
-        RuntimeConfigError: no model configured, a missing or invalid checkpoint, or an
-            unreadable calibration sidecar / one made for another model version. The message
-            is one line that names the file and the reason.
+        RuntimeConfigError: see :func:`validate`.
     """
-    from worker.checkpoint import CheckpointError, load_checkpoint
     from worker.engine.calibration import CalibrationError, load_calibration, sidecar_path
+    from worker.engine.score import ReliabilityEngine
+    from worker.model.checkpoint import CheckpointError, load_checkpoint
 
-    settings = settings or get_settings()
     path = _checkpoint_path(settings)
     try:
-        pm = load_checkpoint(path, "cpu")
+        pm = load_checkpoint(path, device)
     except CheckpointError as exc:
         raise RuntimeConfigError(str(exc)) from exc
     try:
         cal = load_calibration(path, pm.model_version)
     except CalibrationError as exc:
         raise RuntimeConfigError(str(exc)) from exc
+    for p in pm.model.parameters():
+        p.requires_grad_(False)
+    where = f"calibration {sidecar_path(path)}" if cal is not None else "settings"
     try:
-        engine_config_for(settings, cal)
+        config = engine_config_for(settings, cal)
+        engine = ReliabilityEngine.from_production_model(
+            pm, config, max_chunk=settings.engine_max_chunk
+        )
     except (TypeError, ValueError) as exc:
-        raise RuntimeConfigError(
-            f"calibration {sidecar_path(path)}: bad engine section: {exc}"
-        ) from exc
-    summary = ModelSummary(
+        raise RuntimeConfigError(f"{where}: bad engine options: {exc}") from exc
+    return pm, cal, engine
+
+
+def validate(settings: Settings) -> ModelSummary:
+    """Load the checkpoint and its calibration sidecar once on the CPU, to refuse bad ones early.
+
+    Never touches CUDA. The loaded model is discarded.
+
+    Raises:
+        RuntimeConfigError: no model configured, a missing or invalid checkpoint, an
+            unreadable calibration sidecar or one made for another model version, or engine
+            options (from the sidecar or the settings) the engine refuses. The message is one
+            line that names the file and the reason.
+    """
+    from worker.engine.calibration import sidecar_path
+
+    pm, cal, _engine = _load(settings, "cpu")
+    path = _checkpoint_path(settings)
+    return ModelSummary(
         checkpoint=path,
         model_version=pm.model_version,
         arch=pm.arch,
@@ -176,8 +180,14 @@ def validate(settings: Settings | None = None) -> ModelSummary:
         tau=None if cal is None else cal.tau(settings.decision_method),
         decision_method=settings.decision_method,
     )
-    del pm
-    return summary
+
+
+class Decision(NamedTuple):
+    """The decision for one image: its score under the decision method, τ, and the flag."""
+
+    score: float | None
+    tau: float | None
+    flagged: bool
 
 
 @dataclass
@@ -200,70 +210,43 @@ class Runtime:
     def method(self) -> str:
         return self.settings.decision_method
 
-    def decide(self, row: dict[str, Any]) -> tuple[float | None, float | None, bool, float | None]:
-        """``(decision_score, tau, suspected_false_negative, fusion_score)`` for one engine row.
+    def scores(self, measurements: dict[str, Any]) -> dict[str, float | None]:
+        """Every registered method's score for one image (fitted methods need the sidecar)."""
+        from worker.engine.methods import REGISTRY
 
-        Without a calibration sidecar: the method's raw score, τ NULL, never flagged.
-        """
-        from worker.engine.calibration import method_score
-
-        method = self.method
         if self.calibration is None:
-            score = None if method == "fusion" else method_score(row, method)
-            return score, None, False, None
-        score, tau, flagged = self.calibration.decide(method, row)
-        fusion = None
-        if self.calibration.fusion is not None:
-            try:
-                fusion = self.calibration.fusion.score(row)
-            except Exception:  # a fusion model that does not fit the row is not fatal
-                fusion = None
-        return score, tau, flagged, fusion
+            return REGISTRY.scores(measurements)
+        return self.calibration.scores(measurements)
+
+    def decide(self, measurements: dict[str, Any]) -> Decision:
+        """``(decision_score, tau, suspected_false_negative)`` for one image's measurements.
+
+        Without a calibration sidecar: the method's own score (``None`` for a fitted method),
+        τ NULL, never flagged.
+        """
+        from worker.engine.methods import REGISTRY
+
+        if self.calibration is None:
+            return Decision(REGISTRY.get(self.method).score(measurements), None, False)
+        return Decision(*self.calibration.decide(self.method, measurements))
 
 
-def load_runtime(settings: Settings | None = None) -> Runtime:
+def load_runtime(settings: Settings) -> Runtime:
     """Load model, engine and calibration in *this* process (call after the fork).
 
     Raises:
         RuntimeConfigError: as :func:`validate`, or CUDA requested but unavailable.
     """
-    from worker.checkpoint import CheckpointError, load_checkpoint
-    from worker.engine.calibration import CalibrationError, load_calibration, sidecar_path
-    from worker.engine.score import ReliabilityEngine
+    from worker.engine.calibration import sidecar_path
 
-    settings = settings or get_settings()
     t0 = time.perf_counter()
-    path = _checkpoint_path(settings)
     device = resolve_device(settings.device)
-    try:
-        pm = load_checkpoint(path, device)
-    except CheckpointError as exc:
-        raise RuntimeConfigError(str(exc)) from exc
-    try:
-        cal = load_calibration(path, pm.model_version)
-    except CalibrationError as exc:
-        raise RuntimeConfigError(str(exc)) from exc
-    for p in pm.model.parameters():
-        p.requires_grad_(False)
-    layer = None if cal is None else cal.engine.get("target_layer")
-    if layer and layer != pm.target_layer:
-        # τ was calibrated on maps of another layer: explain that one, as the sidecar says.
-        try:
-            pm.model.backbone.get_submodule(layer)
-        except AttributeError as exc:
-            raise RuntimeConfigError(
-                f"calibration {sidecar_path(path)}: target_layer {layer!r} is not a module "
-                "of the model"
-            ) from exc
-        pm.target_layer = str(layer)
-    config = engine_config_for(settings, cal)
-    engine = ReliabilityEngine.from_production_model(
-        pm, config, max_chunk=settings.engine_max_chunk
-    )
+    pm, cal, engine = _load(settings, device)
+    path = _checkpoint_path(settings)
     params = {
-        **config.to_dict(),
+        **engine.config.to_dict(),
         "decision_method": settings.decision_method,
-        "target_layer": pm.target_layer,
+        "target_layer": engine.target_layer_name,
         "device": device,
         "calibration": None if cal is None else str(sidecar_path(path)),
         "calibration_split": None if cal is None else cal.split,
@@ -291,13 +274,14 @@ _lock = threading.Lock()
 _runtime: tuple[int, Runtime] | None = None
 
 
-def get_runtime() -> Runtime:
-    """This process's :class:`Runtime`, loaded on first call (never inherited across a fork)."""
+def get_runtime(settings: Settings) -> Runtime:
+    """This process's :class:`Runtime` for ``settings``, loaded on first call (never inherited
+    across a fork)."""
     global _runtime
     pid = os.getpid()
     with _lock:
         if _runtime is None or _runtime[0] != pid:
-            _runtime = (pid, load_runtime())
+            _runtime = (pid, load_runtime(settings))
         return _runtime[1]
 
 
@@ -308,77 +292,11 @@ def reset_runtime() -> None:
         _runtime = None
 
 
-def init_process(settings: Settings | None = None) -> None:
+def init_process(settings: Settings) -> None:
     """``worker_process_init``: drop inherited DB engines and pin torch/BLAS threads."""
     from db.session import dispose_engines
     from inspection_audit.settings import pin_threads
 
-    settings = settings or get_settings()
     dispose_engines()
     pin_threads(settings.torch_threads)
     reset_runtime()
-
-
-# --- database retries (used by worker.tasks) ------------------------------------------------------------
-class DatabaseUnavailable(RuntimeError):
-    """The database kept failing after every retry."""
-
-
-def is_transient_db_error(exc: BaseException) -> bool:
-    """A database fault worth retrying: lost connection, server down, lock timeout."""
-    from sqlalchemy import exc as sa_exc
-
-    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
-        return True
-    return isinstance(
-        exc, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)
-    ) or (isinstance(exc, sa_exc.DBAPIError) and isinstance(exc.orig, ConnectionError))
-
-
-def backoff_delays(retries: int, cap_s: float, base_s: float = 0.5) -> list[float]:
-    """Exponential backoff with full jitter: ``uniform(0.5, 1) × min(cap, base·2^i)``."""
-    return [min(cap_s, base_s * 2**i) * random.uniform(0.5, 1.0) for i in range(retries)]
-
-
-def with_db_retries(fn: Callable[[], T], what: str, s: Settings | None = None) -> T:
-    """Run ``fn`` (one whole transaction), retrying transient database faults with backoff.
-
-    Raises:
-        DatabaseUnavailable: still failing after ``task_max_retries`` retries.
-        Exception: a non-transient error from ``fn``, unchanged.
-    """
-    s = s or get_settings()
-    delays = backoff_delays(s.task_max_retries, float(s.retry_backoff_max_s))
-    for attempt in range(len(delays) + 1):
-        try:
-            return fn()
-        except Exception as exc:
-            if not is_transient_db_error(exc):
-                raise
-            if attempt == len(delays):
-                raise DatabaseUnavailable(
-                    f"{what}: database still failing after {len(delays)} retries: "
-                    f"{type(exc).__name__}: {one_line(exc)}"
-                ) from exc
-            delay = delays[attempt]
-            log.warning(
-                "%s: database fault (%s: %s); retry %d/%d in %.1f s",
-                what,
-                type(exc).__name__,
-                one_line(exc),
-                attempt + 1,
-                len(delays),
-                delay,
-            )
-            time.sleep(delay)
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-def one_line(exc: BaseException, limit: int = 500) -> str:
-    """``str(exc)`` on one line, at most ``limit`` characters."""
-    text = " ".join(str(exc).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def to_device(x: torch.Tensor, device: str) -> torch.Tensor:
-    return x if device == "cpu" else x.to(device, non_blocking=True)

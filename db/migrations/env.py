@@ -1,7 +1,8 @@
 """Alembic environment, configured from code by :mod:`db.migrate` (no alembic.ini).
 
 ``db.migrate`` passes an open connection in ``config.attributes["connection"]``; when run any
-other way, the URL comes from the ``sqlalchemy.url`` option or the project settings.
+other way, the URL comes from the ``sqlalchemy.url`` option. Migrations import no application
+code beyond ``db`` itself (``db.models`` is the autogenerate target).
 """
 
 from __future__ import annotations
@@ -48,9 +49,10 @@ def run_migrations_online() -> None:
 
     url = config.get_main_option("sqlalchemy.url")
     if not url:
-        from inspection_audit.settings import get_settings
-
-        url = get_settings().resolved_database_url
+        raise RuntimeError(
+            "no database URL: run migrations with `inspection-audit db upgrade` (db.migrate), "
+            "or set sqlalchemy.url"
+        )
     with make_engine(url).connect() as conn:
         _run(conn)
         conn.commit()

@@ -27,8 +27,8 @@ the input (reusing the first forward graph) and one more forward pass.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,60 +45,9 @@ from worker.engine.cam import (
     resolve_layer,
 )
 from worker.engine.iou import binary_iou, soft_iou
-from worker.engine.maps import Binarize, binarize, minmax_normalize, upsample
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """Every choice of the score, named so evaluations can compare them.
-
-    Attributes:
-        binarize: ``threshold`` (θ), ``otsu`` or ``topk``.
-        theta: binarisation threshold in (0, 1] on the normalised maps.
-        topk: fraction of pixels kept by ``topk``.
-        agnostic: class-agnostic map: ``eigen`` (Eigen-CAM) or ``mean`` (channel mean).
-        iou: ``binary`` (on binarised masks) or ``soft`` (on the normalised maps).
-        attack: ``none``, ``fgsm`` or ``pgd``.
-        epsilon: attack radius in [0, 1] pixel units (default 2/255).
-        pgd_steps: PGD steps of size ε/n.
-        closed_form: use the GAP + linear closed form for Grad-CAM weights when it applies.
-    """
-
-    binarize: Binarize = "threshold"
-    theta: float = 0.5
-    topk: float = 0.2
-    agnostic: Literal["eigen", "mean"] = "eigen"
-    iou: Literal["binary", "soft"] = "binary"
-    attack: Literal["none", "fgsm", "pgd"] = "fgsm"
-    epsilon: float = 2 / 255
-    pgd_steps: int = 5
-    closed_form: bool = True
-
-    def __post_init__(self) -> None:
-        if self.binarize not in ("threshold", "otsu", "topk"):
-            raise ValueError(f"binarize must be threshold, otsu or topk, got {self.binarize!r}")
-        if not 0.0 < self.theta <= 1.0:
-            raise ValueError(f"theta must be in (0, 1], got {self.theta}")
-        if not 0.0 < self.topk <= 1.0:
-            raise ValueError(f"topk must be in (0, 1], got {self.topk}")
-        if self.agnostic not in ("eigen", "mean"):
-            raise ValueError(f"agnostic must be eigen or mean, got {self.agnostic!r}")
-        if self.iou not in ("binary", "soft"):
-            raise ValueError(f"iou must be binary or soft, got {self.iou!r}")
-        if self.attack not in ("none", "fgsm", "pgd"):
-            raise ValueError(f"attack must be none, fgsm or pgd, got {self.attack!r}")
-        if not 0.0 <= self.epsilon <= 1.0:
-            raise ValueError(f"epsilon must be in [0, 1] pixel units, got {self.epsilon}")
-        if self.pgd_steps < 1:
-            raise ValueError(f"pgd_steps must be >= 1, got {self.pgd_steps}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> EngineConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+from worker.engine.maps import binarize, minmax_normalize, upsample
+from worker.engine.options import EngineConfig
+from worker.model.checkpoint import p_defect_from_logits
 
 
 @dataclass
@@ -243,8 +192,20 @@ class ReliabilityEngine:
     def from_production_model(
         cls, pm: Any, config: EngineConfig | None = None, max_chunk: int | None = None
     ) -> ReliabilityEngine:
-        """Build from a :class:`worker.checkpoint.ProductionModel` (target layer inside ``backbone``)."""
-        layer = pm.model.backbone.get_submodule(pm.target_layer)
+        """Build from a :class:`worker.model.checkpoint.ProductionModel`.
+
+        The explained layer is ``config.target_layer`` when set, else the checkpoint's
+        ``target_layer``; either is a dotted name inside ``pm.model.backbone``.
+
+        Raises:
+            ValueError: the layer is not a submodule of the backbone.
+        """
+        config = config or EngineConfig()
+        name = config.target_layer or pm.target_layer
+        try:
+            layer = pm.model.backbone.get_submodule(name)
+        except AttributeError as exc:
+            raise ValueError(f"target layer {name!r} is not a submodule of the model") from exc
         eng = cls(
             pm.model,
             layer,
@@ -253,7 +214,7 @@ class ReliabilityEngine:
             config=config,
             max_chunk=max_chunk,
         )
-        eng.target_layer_name = pm.target_layer
+        eng.target_layer_name = name
         return eng
 
     # -- helpers -----------------------------------------------------------------------------
@@ -266,9 +227,10 @@ class ReliabilityEngine:
 
     def _probs_energy(self, z: Tensor) -> tuple[Tensor, Tensor]:
         z = z.detach().float()
+        p = p_defect_from_logits(z, self.defect_index)
         if z.shape[1] == 1:
-            return torch.sigmoid(z[:, 0]), -F.softplus(z[:, 0])  # logits [0, z]
-        return torch.softmax(z, dim=1)[:, self.defect_index], -torch.logsumexp(z, dim=1)
+            return p, -F.softplus(z[:, 0])  # logits [0, z]
+        return p, -torch.logsumexp(z, dim=1)
 
     def _validate(self, x: Tensor) -> None:
         if not isinstance(x, Tensor) or x.dim() != 4:

@@ -16,10 +16,6 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-# Registers ``delivery_attempts`` on ``db.models.Base.metadata`` so that the model/schema
-# comparison of the migrated database sees the table (the schema below does not depend on it).
-import db.deliveries  # noqa: F401
-
 # revision identifiers, used by Alembic.
 revision: str = "0002"
 down_revision: str | Sequence[str] | None = "0001"

@@ -1,4 +1,4 @@
-"""Pipeline commands of ``inspection-audit``: ``enqueue`` (more to come: ``worker``, ``demo``).
+"""``inspection-audit enqueue``: send images to the audit queue from a shell.
 
 One function per command; :func:`register` attaches them to the main group. Nothing here
 imports torch at module level: only ``enqueue --run-model`` does, when it runs.
@@ -81,7 +81,7 @@ def _read_manifest(manifest: Path, split: str | None) -> list[tuple[Path, str]]:
     """``(absolute path, path as written)`` of the manifest's rows (optionally one split).
 
     A torch-free reader of the ``path`` and ``split`` columns of ``manifest.csv`` (paths
-    relative to the manifest's folder); see :mod:`worker.dataset` for the format.
+    relative to the manifest's folder); see :mod:`inspection_audit.lab.dataset` for the format.
     """
     if manifest.is_dir():
         manifest = manifest / "manifest.csv"
@@ -148,9 +148,8 @@ def _score_with_model(
     """``(prediction, P(defect))`` per item from the production model, and its model_version."""
     import torch
 
-    from worker.checkpoint import CheckpointError, load_checkpoint
-    from worker.preprocess import ImageError, ImageLimits, preprocess
-    from worker.training import p_defect_from_logits
+    from worker.model.checkpoint import CheckpointError, load_checkpoint, p_defect_from_logits
+    from worker.model.preprocess import ImageError, ImageLimits, preprocess
 
     try:
         pm = load_checkpoint(checkpoint, device)
@@ -310,12 +309,3 @@ def enqueue(
         except EnqueueError as exc:
             raise click.ClickException(str(exc)) from None
     click.echo(f"enqueued {len(sent)} messages to {settings.queue}")
-
-
-def register(main: click.Group) -> None:
-    """Attach this module's commands to the ``inspection-audit`` group."""
-    main.add_command(enqueue)
-    # worker and demo live in cli_worker.py / cli_demo.py (the worker side of the pipeline).
-    from inspection_audit.cli_worker import register as register_worker
-
-    register_worker(main)

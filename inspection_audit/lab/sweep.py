@@ -16,9 +16,10 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
-from worker.checkpoint import load_checkpoint
-from worker.dataset import load_tensors, read_manifest
-from worker.engine.score import EngineConfig, ReliabilityEngine
+from inspection_audit.lab.dataset import load_tensors, read_manifest
+from worker.engine.options import EngineConfig
+from worker.engine.score import ReliabilityEngine
+from worker.model.checkpoint import load_checkpoint
 
 
 def _metrics(y: np.ndarray, s: np.ndarray) -> dict[str, float]:
@@ -43,10 +44,16 @@ def variants() -> list[tuple[str, EngineConfig, str]]:
     for layer, agn, (binz, iou, label) in itertools.product(
         ["layer4", "layer3"], ["eigen", "mean"], maps
     ):
-        cfg = EngineConfig(binarize=binz, iou=iou, agnostic=agn, attack="fgsm")  # type: ignore[arg-type]
+        cfg = EngineConfig(
+            binarize=binz,  # type: ignore[arg-type]
+            iou=iou,  # type: ignore[arg-type]
+            agnostic=agn,  # type: ignore[arg-type]
+            attack="fgsm",
+            target_layer=layer,
+        )
         out.append((f"{layer}/{agn}/{label}/fgsm2", cfg, layer))
     for eps, attack in [(8 / 255, "fgsm"), (8 / 255, "pgd")]:
-        cfg = EngineConfig(attack=attack, epsilon=eps)  # type: ignore[arg-type]
+        cfg = EngineConfig(attack=attack, epsilon=eps, target_layer="layer4")  # type: ignore[arg-type]
         out.append((f"layer4/eigen/θ0.5/{attack}{round(eps * 255)}", cfg, "layer4"))
     return out
 
@@ -64,7 +71,6 @@ def run_sweep(
     with Progress() as progress:
         task = progress.add_task("sweep", total=len(vs))
         for name, cfg, layer in vs:
-            pm.target_layer = layer
             eng = ReliabilityEngine.from_production_model(pm, cfg)
             rows = []
             for i in range(0, len(x), batch_size):

@@ -22,8 +22,15 @@ import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from worker.checkpoint import NormalizedModel, build_backbone, detect_target_layer, save_checkpoint
-from worker.dataset import Record, load_tensors
+from inspection_audit.lab.dataset import Record, load_tensors
+from worker.model.checkpoint import (
+    NormalizedModel,
+    build_backbone,
+    detect_target_layer,
+    p_defect_from_logits,
+    predict_logits,
+    save_checkpoint,
+)
 
 
 @dataclass(frozen=True)
@@ -95,20 +102,6 @@ def augment(x: torch.Tensor, gen: torch.Generator, mode: str = "basic") -> torch
     contrast = 1.0 + (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * amount
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     return ((x - mean) * contrast + mean * brightness).clamp(0.0, 1.0)
-
-
-@torch.no_grad()
-def predict_logits(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """Eval-mode logits ``float32[N, num_classes]`` for ``float32[N, C, H, W]`` in [0, 1]."""
-    model.eval()
-    return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
-
-
-def p_defect_from_logits(z: torch.Tensor, defect_index: int = 1) -> torch.Tensor:
-    """P(defect) ``float32[N]`` from logits ``[N, 2]`` (softmax) or ``[N, 1]`` (sigmoid)."""
-    if z.shape[1] == 1:
-        return torch.sigmoid(z[:, 0])
-    return torch.softmax(z, dim=1)[:, defect_index]
 
 
 def train_model(

@@ -33,6 +33,9 @@ class NormalizedModel(nn.Module):
     pixel units of the [0, 1] image.
     """
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, backbone: nn.Module, mean: list[float], std: list[float]) -> None:
         super().__init__()
         self.backbone = backbone
@@ -70,6 +73,40 @@ class ProductionModel:
     def to(self, device: torch.device | str) -> ProductionModel:
         self.model.to(device)
         return self
+
+
+def p_defect_from_logits(z: torch.Tensor, defect_index: int = 1) -> torch.Tensor:
+    """P(defect) from the production model's logits (the one place this is computed).
+
+    Args:
+        z: logits ``float[N, 2]`` (softmax head) or ``float[N, 1]`` (single-logit sigmoid head,
+            ``z_defect = z``).
+        defect_index: index of the ``defect`` logit of a 2-logit head (ignored for 1 logit).
+
+    Returns:
+        ``float[N]`` in [0, 1], unitless probability.
+
+    Raises:
+        ValueError: ``z`` is not ``[N, 1]`` or ``[N, 2]``, or ``defect_index`` is out of range.
+    """
+    if z.dim() != 2 or z.shape[1] not in (1, 2):
+        raise ValueError(f"logits must be [N, 1] or [N, 2], got {tuple(z.shape)}")
+    if z.shape[1] == 1:
+        return torch.sigmoid(z[:, 0])
+    if defect_index not in (0, 1):
+        raise ValueError(f"defect_index must be 0 or 1, got {defect_index}")
+    return torch.softmax(z, dim=1)[:, defect_index]
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Eval-mode logits ``float32[N, num_classes]`` for ``float32[N, C, H, W]`` in [0, 1].
+
+    Puts ``model`` in ``eval()`` mode (BatchNorm statistics frozen) and runs it in chunks of
+    ``batch_size`` images.
+    """
+    model.eval()
+    return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
 def _adapt_in_channels(model: nn.Module, in_channels: int) -> None:

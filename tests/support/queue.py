@@ -166,9 +166,9 @@ def redis_keyprefix(redis_url: str) -> Iterator[str]:
 @pytest.fixture
 def queue_app(queue_settings: Settings, redis_keyprefix: str) -> Iterator[Any]:
     """A Celery app for ``queue_settings`` whose Redis keys all carry ``redis_keyprefix``."""
-    from worker.celery_app import make_celery
+    from worker.app import create_app
 
-    app = make_celery(queue_settings)
+    app = create_app(queue_settings, worker=False)
     opts = dict(app.conf.broker_transport_options or {})
     opts["global_keyprefix"] = redis_keyprefix
     app.conf.broker_transport_options = opts

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ MIN_SIDE = 256
 TITLE_HEIGHT = 22
 
 
-def _colormap(name: str):  # type: ignore[no-untyped-def]
+def _colormap(name: str) -> Any:
     from matplotlib import colormaps
 
     return colormaps[name]
@@ -50,13 +51,13 @@ def overlay_array(
         m = torch.nn.functional.interpolate(
             m[None, None], size=(h, w), mode="bilinear", align_corners=False
         )[0, 0]
-    m = torch.nan_to_num(m, nan=0.0).clamp(0.0, 1.0).numpy()
+    heat_in = torch.nan_to_num(m, nan=0.0).clamp(0.0, 1.0).numpy()
     rgb = (
         img.expand(3, h, w).permute(1, 2, 0).numpy()
         if img.shape[0] == 1
         else img.permute(1, 2, 0).numpy()
     )
-    heat = _colormap(cmap)(m)[..., :3]
+    heat = _colormap(cmap)(heat_in)[..., :3]
     out = (1.0 - alpha) * rgb + alpha * heat
     return (np.clip(out, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
@@ -94,7 +95,9 @@ def save_overlay(
     short = min(pic.size)
     if short < min_side:
         f = min_side / short
-        pic = pic.resize((round(pic.size[0] * f), round(pic.size[1] * f)), Image.BILINEAR)
+        pic = pic.resize(
+            (round(pic.size[0] * f), round(pic.size[1] * f)), Image.Resampling.BILINEAR
+        )
     if title:
         font = ImageFont.load_default()
         lines = _wrap(title, font, pic.size[0] - 8)

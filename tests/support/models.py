@@ -1,6 +1,6 @@
 """Fixtures: models and small synthetic datasets.
 
-Plain functions (importable: ``from tests.fixtures_models import tiny_checkpoint``) and pytest
+Plain functions (importable: ``from tests.support.models import tiny_checkpoint``) and pytest
 fixtures of the same name that return those functions, so both spellings work::
 
     def test_a(tmp_path):
@@ -23,7 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
-from worker.checkpoint import NormalizedModel, build_backbone, save_checkpoint
+from worker.model.checkpoint import NormalizedModel, build_backbone, save_checkpoint
 
 #: Normalisation stored in the tiny checkpoints (per channel).
 TINY_MEAN = 0.5

@@ -1,17 +1,19 @@
 """``inspection-audit worker``: start a Celery worker that audits the queue.
 
-Registered into the CLI by :mod:`inspection_audit.cli_pipeline` (``register``). The checkpoint
-and its calibration sidecar are validated here, in the main process, on the CPU, before Celery
-starts: a missing or wrong checkpoint stops the worker with one clear line and exit code 2.
-Each pool process then loads its own copy lazily (:mod:`worker.runtime`).
+One :class:`~inspection_audit.settings.Settings` is built from the environment and the
+command's options, and the Celery app is built from it (:func:`worker.app.create_app`); nothing
+is passed through ``os.environ``. The checkpoint and its calibration sidecar are validated
+here, in the main process, on the CPU, before Celery starts: a missing or wrong checkpoint
+stops the worker with one clear line and exit code 2. Each pool process then loads its own
+copy lazily (:mod:`worker.runtime`).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
@@ -20,15 +22,10 @@ LOG_FORMAT = "[%(asctime)s %(levelname)s %(processName)s/%(process)d] %(name)s: 
 EXIT_CONFIG = 2
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     one_line = " ".join(message.split())
     click.echo(f"inspection-audit worker: cannot start: {one_line}", err=True)
     sys.exit(EXIT_CONFIG)
-
-
-def _set_env(name: str, value: object | None) -> None:
-    if value is not None:
-        os.environ[f"INSPECTION_AUDIT_{name}"] = str(value)
 
 
 def check_database(url: str) -> str | None:
@@ -105,7 +102,7 @@ def worker(
     batch_wait_ms: int | None,
 ) -> None:
     """Start a worker: scores queued inspections and writes one audit row per image."""
-    from inspection_audit.settings import get_settings, pin_threads
+    from inspection_audit.settings import Settings, pin_threads
 
     level = getattr(logging, loglevel.upper(), None)
     if not isinstance(level, int):
@@ -114,13 +111,14 @@ def worker(
     logging.getLogger("alembic").setLevel(logging.WARNING)
     log = logging.getLogger("inspection_audit.worker")
 
-    _set_env("MODEL", model.resolve() if model is not None else None)
-    _set_env("DEVICE", device)
-    _set_env("BATCH_SIZE", batch_size)
-    _set_env("BATCH_WAIT_MS", batch_wait_ms)
-    get_settings.cache_clear()
+    overrides: dict[str, object] = {
+        "model": model.resolve() if model is not None else None,
+        "device": device,
+        "batch_size": batch_size,
+        "batch_wait_ms": batch_wait_ms,
+    }
     try:
-        settings = get_settings()
+        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     except Exception as exc:  # pydantic ValidationError: a bad INSPECTION_AUDIT_* value
         _fail(f"bad settings: {exc}")
 
@@ -142,11 +140,9 @@ def worker(
         n = 1
     else:
         pool, n = "prefork", concurrency or 1
-    _set_env("DEVICE", resolved)
-    get_settings.cache_clear()
-    settings = get_settings()
+    settings = settings.model_copy(update={"device": resolved})
 
-    # Threads: the env vars are inherited by the pool processes (pinned again after the fork).
+    # Threads: OMP/BLAS variables are inherited by the pool processes (pinned again after fork).
     pin_threads(settings.torch_threads)
 
     from worker.runtime import RuntimeConfigError, validate
@@ -178,8 +174,9 @@ def worker(
 
     from celery.utils.nodenames import default_nodename, host_format
 
-    from worker.tasks import app
+    from worker.app import create_app
 
+    app = create_app(settings)
     w = app.Worker(
         hostname=host_format(default_nodename(hostname)),
         pool_cls=pool,
@@ -194,11 +191,3 @@ def worker(
     )
     w.start()
     sys.exit(w.exitcode or 0)
-
-
-def register(group: click.Group) -> None:
-    """Attach ``worker`` and ``demo`` to the ``inspection-audit`` group."""
-    from inspection_audit.cli_demo import demo
-
-    group.add_command(worker)
-    group.add_command(demo)

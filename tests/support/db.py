@@ -11,16 +11,13 @@
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.engine import make_url
-from sqlalchemy.pool import NullPool
 
-DEFAULT_PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+from db.testing import DEFAULT_ADMIN_URL as DEFAULT_PG_ADMIN_URL
 
 
 def pg_admin_url() -> str:
@@ -31,28 +28,20 @@ def pg_admin_url() -> str:
 @pytest.fixture
 def pg_url() -> Iterator[str]:
     """URL of a new, empty PostgreSQL database, dropped (WITH (FORCE)) after the test."""
-    from db.session import dispose_engines
+    from db.testing import create_database, drop_database
 
     admin = pg_admin_url()
-    name = f"inspection_audit_test_{uuid.uuid4().hex[:16]}"
-    engine = sa.create_engine(admin, isolation_level="AUTOCOMMIT", poolclass=NullPool)
     try:
-        with engine.connect() as conn:
-            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        url = create_database(admin)
     except sa.exc.OperationalError as exc:  # pragma: no cover - environment problem
-        engine.dispose()
         pytest.fail(
             f"PostgreSQL is not reachable at {admin} (check `pg_isready -h 127.0.0.1`; "
             f"set INSPECTION_AUDIT_TEST_PG_ADMIN_URL to use another server): {exc}"
         )
-    url = make_url(admin).set(database=name).render_as_string(hide_password=False)
     try:
         yield url
     finally:
-        dispose_engines(url)
-        with engine.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        engine.dispose()
+        drop_database(url, admin)
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 An image (file path, bytes or array; 8- or 16-bit grayscale, RGB, RGBA, CMYK; any size) becomes
 ``float32[C, H, W]`` in [0, 1] pixel units at the model's ``input_size``: EXIF orientation
 applied, converted to the model's channel count, resized bilinearly with antialiasing.
-Normalisation by mean/std happens inside the model (:class:`worker.checkpoint.NormalizedModel`).
+Normalisation by mean/std happens inside the model (:class:`worker.model.checkpoint.NormalizedModel`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from worker.images import (
+from worker.model.images import (
     DEFAULT_LIMITS,
     ImageError,
     ImageLimits,
@@ -58,9 +58,9 @@ def image_to_array(img: Image.Image, in_channels: int) -> np.ndarray:
     if mode == "F":
         arr = np.asarray(img, dtype=np.float32)
         lo, hi = float(arr.min(initial=0)), float(arr.max(initial=0))
-        gray = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+        gray = ((arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)).astype(np.float32)
         out = gray[None] if in_channels == 1 else np.repeat(gray[None], 3, axis=0)
-        return np.ascontiguousarray(out.astype(np.float32))
+        return np.ascontiguousarray(out, dtype=np.float32)
     try:
         if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
             rgba = img.convert("RGBA")

@@ -1,22 +1,12 @@
-"""The audit task: receive -> decode -> score (micro-batched) -> one row per inspection.
+"""The batch pipeline: receive -> decode -> score (micro-batched) -> one row per inspection.
 
 Micro-batching (``Settings.batch_size`` = B, ``Settings.batch_wait_ms`` = T) uses
 ``celery-batches``: the worker's consumer buffers received messages and hands up to B of them
 to one pool process at once (or whatever arrived when the T timer fires); that process decodes
 them, scores them in one engine call and writes their rows in one transaction.
 
-Acknowledgement (DESIGN §6): every message is acknowledged late, by the worker's main process,
-only after the pool process has *returned*, i.e. after the rows are committed.
-``celery_batches.Batches.flush`` acks every request when the pool job returns and does nothing
-when the job fails, so a batch whose process died (``WorkerLostError``) would sit unacked in
-the worker, blocking the prefetch window, until a restart or the visibility timeout.
-:class:`AuditBatches` replaces ``flush`` so that
-
-* the job's result says which requests to acknowledge and which to put back on the queue
-  (``{"requeue": [request ids]}``): a database that stays down after the retries puts back
-  only the messages whose rows were not written;
-* a failed job (process lost, terminated, or an unexpected exception) puts all its messages
-  back at once (``reject(requeue=True)``), like ``task_reject_on_worker_lost``.
+Acknowledgement per outcome is :mod:`worker.acks`'s (the pool process returns which
+requests to put back).
 
 Redelivery cap (DESIGN §7): requeueing has no limit, so every delivery during which an image
 is *at risk* (decoded and scored) is counted in ``delivery_attempts`` (:mod:`db.deliveries`), in
@@ -41,99 +31,43 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import logging
-import math
 import os
 import re
-import signal
 import time
 from collections import Counter
-from collections.abc import Collection, Iterable, Iterator
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from celery import signals
-from celery_batches import Batches, SimpleRequest
-from celery_batches.trace import apply_batches_task
-
-from inspection_audit.settings import Settings, get_settings
-from worker.celery_app import TASK_NAME, make_celery
-from worker.runtime import DatabaseUnavailable, one_line, with_db_retries
+from db.rows import AuditRow, InspectionRow
+from inspection_audit.settings import Settings
+from worker.retry import DatabaseUnavailable, one_line, with_db_retries
+from worker.rows import (
+    Key,
+    cheap_row,
+    duplicate_row,
+    error_row,
+    inspection_of,
+    placeholder_inspection,
+    scored_row,
+)
 
 if TYPE_CHECKING:
     import torch
 
     from producer.schema import InspectionMessage
+    from worker.model.images import ImageLimits
     from worker.runtime import Runtime
 
 log = logging.getLogger("inspection_audit.worker")
 
-settings: Settings = get_settings()
-app = make_celery(settings)
-
-#: pid of the process that imported this module first: the worker's main process (the pool
-#: processes are forked from it and inherit the value).
-MAIN_PID = os.getpid()
-
-Key = tuple[str, str, str]
-
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
 
 
-# --- acknowledgement ------------------------------------------------------------------------------
-class AuditBatches(Batches):
-    """``celery_batches.Batches`` whose acks follow the outcome of each request (see module doc)."""
-
-    abstract = True
-
-    def flush(self, requests: Collection[Any]) -> Any:
-        requests = list(requests)
-        early = [r for r in requests if not r.task.acks_late]
-        late = [r for r in requests if r.task.acks_late]
-        serializable = ([SimpleRequest.from_request(r) for r in requests],)
-
-        def on_accepted(pid: int, time_accepted: float) -> None:
-            for req in early:
-                req.acknowledge()
-
-        def on_return(result: Any) -> None:
-            if isinstance(result, dict) and isinstance(result.get("requeue"), list):
-                requeue = set(result["requeue"])
-            else:  # the job raised (logged by celery_batches): put everything back
-                requeue = {r.id for r in late}
-            for req in late:
-                if req.id in requeue:
-                    req.reject(requeue=True)
-                else:
-                    req.acknowledge()
-            if requeue:
-                log.warning("requeued %d of %d message(s)", len(requeue), len(late))
-
-        def on_error(exc_info: Any) -> None:
-            exc = getattr(exc_info, "exception", exc_info)
-            exc = getattr(exc, "exc", exc)  # billiard's ExceptionWithTraceback wrapper
-            log.error(
-                "batch of %d lost (%s: %s); requeueing its messages",
-                len(late),
-                type(exc).__name__,
-                one_line(exc),
-            )
-            for req in late:
-                req.reject(requeue=True)
-
-        return self._pool.apply_async(
-            apply_batches_task,
-            (self, serializable, 0, None),
-            accept_callback=on_accepted,
-            callback=on_return,
-            error_callback=on_error,
-        )
-
-
-# --- one batch ---------------------------------------------------------------------------------------
 @dataclass(eq=False)
 class Item:
     """One received message on its way to its audit row."""
@@ -141,7 +75,7 @@ class Item:
     request_id: str
     payload: Any
     msg: InspectionMessage | None = None
-    inspection: dict[str, Any] | None = None  # upsert_inspection kwargs
+    inspection: InspectionRow | None = None
     key: Key | None = None
     attempts: int = 1
     redelivered: bool = False  # counted before: decoded, counted and scored alone (see run)
@@ -150,9 +84,13 @@ class Item:
     error: str | None = None
     x: torch.Tensor | None = None
     decode_ms: float | None = None
-    row: dict[str, Any] | None = None
+    row: AuditRow | None = None
     written: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _BadCall:
+    reason: str
 
 
 def _payload_of(req: Any) -> Any:
@@ -166,62 +104,9 @@ def _payload_of(req: Any) -> Any:
     )
 
 
-@dataclass
-class _BadCall:
-    reason: str
-
-
-def _placeholder_inspection(payload: Any, iid: str) -> dict[str, Any]:
-    """Inspection fields for an invalid message: what is valid, placeholders for the rest."""
-    p = payload if isinstance(payload, dict) else {}
-    pred = p.get("prediction") if p.get("prediction") in ("ok", "defect") else "ok"
-    score = p.get("score")
-    ok_score = (
-        isinstance(score, (int, float))
-        and not isinstance(score, bool)
-        and math.isfinite(score)
-        and 0 <= score <= 1
-    )
-    captured = datetime.now(UTC)
-    if isinstance(p.get("captured_at"), str):
-        try:
-            parsed = datetime.fromisoformat(p["captured_at"])
-            if parsed.tzinfo is not None:
-                captured = parsed
-        except ValueError:
-            pass
-    ref = p.get("image_path") if isinstance(p.get("image_path"), str) else "<inline>"
-
-    def short(v: Any) -> str | None:
-        return v[:64] if isinstance(v, str) and v.strip() else None
-
-    return {
-        "inspection_id": iid,
-        "image_ref": ref[:4096],
-        "line": short(p.get("line")),
-        "station": short(p.get("station")),
-        "captured_at": captured,
-        "prediction": pred,
-        "score": float(score) if ok_score else 0.0,
-        "expected_model_version": short(p.get("model_version")),
-    }
-
-
-def _inspection_of(msg: InspectionMessage) -> dict[str, Any]:
-    return {
-        "inspection_id": msg.inspection_id,
-        "image_ref": msg.image_path if msg.image_path is not None else "<inline>",
-        "line": msg.line,
-        "station": msg.station,
-        "captured_at": msg.captured_at,
-        "prediction": msg.prediction,
-        "score": msg.score,
-        "expected_model_version": msg.model_version,
-    }
-
-
-def _limits(s: Settings) -> Any:
-    from worker.preprocess import ImageLimits
+def image_limits(s: Settings) -> ImageLimits:
+    """The input limits of ``s`` (bytes, pixels, smallest side, aspect ratio)."""
+    from worker.model.images import ImageLimits
 
     return ImageLimits(
         max_bytes=s.max_image_bytes,
@@ -231,16 +116,15 @@ def _limits(s: Settings) -> Any:
     )
 
 
-def _image_bytes(msg: InspectionMessage, s: Settings) -> bytes:
+def image_bytes(msg: InspectionMessage, s: Settings) -> bytes:
     """The encoded image of a message: inline bytes, or a file confined to the image roots.
 
     Raises:
-        worker.preprocess.ImageError: outside the roots, missing, not a file, empty, too big,
+        worker.model.images.ImageError: outside the roots, missing, not a file, empty, too big,
             or not matching ``image_sha256``.
     """
-    from worker.preprocess import ImageError, read_image_bytes, resolve_under_roots
+    from worker.model.images import ImageError, read_image_bytes, resolve_under_roots
 
-    limits = _limits(s)
     if msg.image_b64 is not None:
         data = base64.b64decode(msg.image_b64)
         if len(data) > s.max_inline_bytes:
@@ -250,7 +134,7 @@ def _image_bytes(msg: InspectionMessage, s: Settings) -> bytes:
     else:
         path = resolve_under_roots(msg.image_path or "", list(s.image_roots))
         try:
-            data = read_image_bytes(path, limits)
+            data = read_image_bytes(path, image_limits(s))
         except OSError as exc:
             raise ImageError(f"cannot read image file {path}: {exc}") from exc
     if msg.image_sha256 is not None:
@@ -263,36 +147,32 @@ def _image_bytes(msg: InspectionMessage, s: Settings) -> bytes:
     return data
 
 
-def _base_row(item: Item, rt: Runtime, status: str, host: str) -> dict[str, Any]:
-    assert item.key is not None
-    return {
-        "inspection_id": item.key[0],
-        "model_version": item.key[1],
-        "method": item.key[2],
-        "status": status,
-        "worker_host": host,
-        "delivery_count": item.attempts,
-        "decode_ms": item.decode_ms,
-        "params": dict(rt.params),
-    }
+def fault_hook() -> Callable[[Iterable[str]], contextlib.AbstractContextManager[None]]:
+    """The test-only fault hook when its environment variable is set, else a no-op.
+
+    :mod:`worker.faults` is imported only when ``INSPECTION_AUDIT_TEST_FAULT_KILL_IN_ATTACK``
+    is set; production never loads it.
+    """
+    if os.environ.get("INSPECTION_AUDIT_TEST_FAULT_KILL_IN_ATTACK"):
+        from worker.faults import kill_in_attack
+
+        return kill_in_attack
+    return lambda _ids: contextlib.nullcontext()
 
 
-def _error_row(item: Item, rt: Runtime, host: str, message: str) -> dict[str, Any]:
-    row = _base_row(item, rt, "error", host)
-    row["error"] = message
-    return row
-
-
-class _Batch:
+class Batch:
     """The work of one pool-process call on up to B requests."""
 
     def __init__(self, requests: list[Any], rt: Runtime, s: Settings) -> None:
+        from worker.runtime import worker_host
+
         self.rt = rt
         self.s = s
         self.t0 = time.perf_counter()
-        self.host = _worker_host()
+        self.host = worker_host()
         self.items = [Item(req.id, _payload_of(req)) for req in requests]
         self.dropped: list[Item] = []
+        self.fault_hook = fault_hook()
 
     # 1. parse -------------------------------------------------------------------------------
     def parse(self) -> None:
@@ -317,7 +197,7 @@ class _Batch:
                         [("", f"cannot be parsed: {type(exc).__name__}: {one_line(exc)}")],
                         inspection_id=raw if isinstance(raw, str) else None,
                     ) from exc
-                it.inspection = _inspection_of(it.msg)
+                it.inspection = inspection_of(it.msg)
                 iid = it.msg.inspection_id
             except MessageError as exc:
                 iid = exc.inspection_id or ""
@@ -330,7 +210,7 @@ class _Batch:
                     self.dropped.append(it)
                     continue
                 it.error = str(exc)
-                it.inspection = _placeholder_inspection(it.payload, iid)
+                it.inspection = placeholder_inspection(it.payload, iid)
             it.key = (iid, self.rt.model_version, self.rt.method)
             first = seen.setdefault(it.key, it)
             if first is not it:
@@ -400,16 +280,16 @@ class _Batch:
 
     # 3. decode ----------------------------------------------------------------------------
     def decode(self, items: list[Item]) -> None:
-        from worker.preprocess import ImageError, preprocess
+        from worker.model.preprocess import ImageError, preprocess
 
         pm = self.rt.pm
-        limits = _limits(self.s)
+        limits = image_limits(self.s)
         for it in items:
             if it.error is not None or it.duplicate or it.duplicate_of or it.msg is None:
                 continue
             t = time.perf_counter()
             try:
-                data = _image_bytes(it.msg, self.s)
+                data = image_bytes(it.msg, self.s)
                 it.x = preprocess(data, pm.input_size, pm.in_channels, limits)
             except ImageError as exc:
                 it.error = str(exc)
@@ -430,8 +310,8 @@ class _Batch:
             and it.row is None
         )
 
-    def _ready(self) -> list[Item]:
-        return [it for it in self.items if self._is_ready(it)]
+    def _params(self, batch_size: int) -> dict[str, Any]:
+        return {**self.rt.params, "batch_size": batch_size}
 
     def score_cheap(self, items: list[Item]) -> None:
         """Images the line called ``defect``: p_defect only (unless score_defect_predictions)."""
@@ -444,27 +324,31 @@ class _Batch:
             return
         import torch
 
+        from worker.model.checkpoint import p_defect_from_logits
+
         rt = self.rt
         t = time.perf_counter()
         try:
-            x = torch.stack([it.x for it in group]).to(rt.device)
+            x = torch.stack([it.x for it in group if it.x is not None]).to(rt.device)
             with torch.no_grad():
                 z = rt.pm.model(x).float()
-            if z.shape[1] == 1:
-                p = torch.sigmoid(z[:, 0])
-            else:
-                p = torch.softmax(z, dim=1)[:, rt.pm.defect_index]
-            probs = p.cpu().tolist()
+            probs = p_defect_from_logits(z, rt.pm.defect_index).cpu().tolist()
         except Exception as exc:
             for it in group:
                 it.error = f"scoring failed: {type(exc).__name__}: {one_line(exc)}"
             return
         ms = (time.perf_counter() - t) * 1000.0 / len(group)
         for it, pd in zip(group, probs, strict=True):
-            row = _base_row(it, rt, "done", self.host)
-            row["params"] = {**row["params"], "batch_size": len(group), "cheap": True}
-            row.update(p_defect=float(pd), score_ms=ms, suspected_false_negative=False)
-            it.row = row
+            assert it.key is not None
+            it.row = cheap_row(
+                it.key,
+                float(pd),
+                host=self.host,
+                delivery_count=it.attempts,
+                params=self._params(len(group)),
+                decode_ms=it.decode_ms,
+                score_ms=ms,
+            )
 
     def score_full(self, group: list[Item]) -> None:
         """One engine call on ``group``; on failure, each image alone (to isolate the bad one)."""
@@ -473,8 +357,8 @@ class _Batch:
         rt = self.rt
         t = time.perf_counter()
         try:
-            x = torch.stack([it.x for it in group]).to(rt.device)
-            with _fault_injection(group):
+            x = torch.stack([it.x for it in group if it.x is not None]).to(rt.device)
+            with self.fault_hook(it.key[0] for it in group if it.key is not None):
                 scores = rt.engine.score(x)
             rows = scores.rows()
         except Exception as exc:
@@ -493,27 +377,33 @@ class _Batch:
             return
         elapsed = (time.perf_counter() - t) * 1000.0
         log.info("scored a batch of %d image(s) in %.0f ms", len(group), elapsed)
-        for i, (it, r) in enumerate(zip(group, rows, strict=True)):
-            decision, tau, flagged, fusion = rt.decide(r)
+        for i, (it, measurements) in enumerate(zip(group, rows, strict=True)):
+            assert it.key is not None
+            decision = rt.decide(measurements)
             # Only an `ok` call can be a false negative (defect calls are scored in full only
             # with score_defect_predictions, for the record).
-            flagged = flagged and it.msg is not None and it.msg.prediction == "ok"
-            row = _base_row(it, rt, "done", self.host)
-            row["params"] = {**row["params"], "batch_size": len(group)}
-            row.update({k: _finite(v) for k, v in r.items()})
-            row.update(
-                fusion_score=_finite(fusion),
-                decision_score=_finite(decision),
-                tau=tau,
-                suspected_false_negative=bool(flagged),
+            flagged = decision.flagged and it.msg is not None and it.msg.prediction == "ok"
+            row = scored_row(
+                it.key,
+                measurements,
+                rt.scores(measurements),
+                decision_score=decision.score,
+                tau=decision.tau,
+                flagged=flagged,
+                host=self.host,
+                delivery_count=it.attempts,
+                params=self._params(len(group)),
+                decode_ms=it.decode_ms,
                 score_ms=elapsed / len(group),
             )
             if flagged and self.s.save_overlays:
-                row["overlay_path"] = self._overlay(it, scores.cam_defect[i], decision, tau)
+                row.overlay_path = self._overlay(
+                    it, scores.cam_defect[i], decision.score, decision.tau
+                )
             it.row = row
 
     def _overlay(self, it: Item, cam: Any, score: float | None, tau: float | None) -> str | None:
-        from worker.overlay import save_overlay
+        from worker.model.overlay import save_overlay
 
         assert it.key is not None and it.x is not None
         iid, version, method = it.key
@@ -536,22 +426,23 @@ class _Batch:
             if it.duplicate_of is not None:
                 if it.duplicate_of.row is None:
                     continue  # written after its original (see run)
-                it.row = {**it.duplicate_of.row, "delivery_count": it.attempts}
+                it.row = dataclasses.replace(it.duplicate_of.row, delivery_count=it.attempts)
                 out.append(it)
                 continue
             if it.duplicate:
                 # The row exists and is done: only count the duplicate delivery.
-                it.row = {
-                    "inspection_id": it.key[0],
-                    "model_version": it.key[1],
-                    "method": it.key[2],
-                    "status": "done",
-                    "delivery_count": it.attempts,
-                }
+                it.row = duplicate_row(it.key, it.attempts)
             elif it.row is None:
-                it.row = _error_row(it, self.rt, self.host, it.error or "not scored (no reason)")
-            if it.row.get("total_ms") is None and not it.duplicate:
-                it.row["total_ms"] = (now - self.t0) * 1000.0
+                it.row = error_row(
+                    it.key,
+                    it.error or "not scored (no reason)",
+                    host=self.host,
+                    delivery_count=it.attempts,
+                    params=self.rt.params,
+                    decode_ms=it.decode_ms,
+                )
+            if it.row.total_ms is None and not it.duplicate:
+                it.row.total_ms = (now - self.t0) * 1000.0
             out.append(it)
         return out
 
@@ -586,7 +477,7 @@ class _Batch:
         with session_scope(self.s.resolved_database_url) as session:
             for it in items:
                 assert it.inspection is not None and it.row is not None
-                upsert_inspection(session, **it.inspection)
+                upsert_inspection(session, it.inspection)
                 upsert_audit(session, it.row)
 
     def _write_last_resort(self, it: Item, exc: Exception) -> None:
@@ -594,10 +485,17 @@ class _Batch:
         assert it.key is not None
         reason = f"audit row could not be stored: {type(exc).__name__}: {one_line(exc)}"
         log.error("%s: %s", it.key[0], reason)
-        if it.row is not None and it.row.get("status") == "error" and it.inspection is not None:
+        if it.row is not None and it.row.status == "error" and it.inspection is not None:
             # Already an error row; the inspection fields themselves may be the problem.
-            it.inspection = _placeholder_inspection({}, it.key[0])
-        it.row = _error_row(it, self.rt, self.host, reason)
+            it.inspection = placeholder_inspection({}, it.key[0])
+        it.row = error_row(
+            it.key,
+            reason,
+            host=self.host,
+            delivery_count=it.attempts,
+            params=self.rt.params,
+            decode_ms=it.decode_ms,
+        )
         try:
             with_db_retries(lambda: self._write_tx([it]), "writing an error row", self.s)
             it.written = True
@@ -652,8 +550,8 @@ class _Batch:
             "batch of %d message(s): %d done, %d error, %d duplicate, %d dropped, %d requeued "
             "in %.0f ms",
             len(self.items) + len(self.dropped),
-            sum(1 for it in fresh if it.row and it.row["status"] == "done"),
-            sum(1 for it in fresh if it.row and it.row["status"] == "error"),
+            sum(1 for it in fresh if it.row and it.row.status == "done"),
+            sum(1 for it in fresh if it.row and it.row.status == "error"),
             len(dups),
             len(self.dropped),
             len(requeue),
@@ -662,111 +560,36 @@ class _Batch:
         return {"requeue": requeue, "written": len(self.items) - len(requeue)}
 
 
-# --- FAULT-INJECTION HOOK (tests only) ------------------------------------------------------------
-#: Comma-separated inspection ids. When this variable is set (tests/test_faults_loss.py does, in
-#: the worker's environment), a pool process that runs the engine on a batch holding one of these
-#: ids kills itself with SIGKILL inside the FGSM step, as a native crash or the kernel's OOM killer
-#: would. It is not a setting and nothing reads it unless it is set; never set it in production.
-FAULT_KILL_IN_ATTACK_ENV = "INSPECTION_AUDIT_TEST_FAULT_KILL_IN_ATTACK"
+def process_requests(requests: Iterable[Any], s: Settings) -> dict[str, Any]:
+    """Audit a batch of requests; returns ``{"requeue": [request ids to put back], ...}``.
 
+    A pool process that cannot load its model asks the whole worker to stop (warm shutdown)
+    and puts every request back.
+    """
+    from worker.runtime import RuntimeConfigError, get_runtime
 
-@contextlib.contextmanager
-def _fault_injection(group: list[Item]) -> Iterator[None]:
-    """Fault injection for tests (see :data:`FAULT_KILL_IN_ATTACK_ENV`); a no-op otherwise."""
-    targets = {t for t in os.environ.get(FAULT_KILL_IN_ATTACK_ENV, "").split(",") if t}
-    if not targets or not any(it.key is not None and it.key[0] in targets for it in group):
-        yield
-        return
-    import worker.engine.score as score_module
-
-    real_step = score_module.fgsm_step
-
-    def killing_fgsm_step(*args: Any, **kwargs: Any) -> Any:
-        log.critical("FAULT INJECTION: pool process %d kills itself during FGSM", os.getpid())
-        os.kill(os.getpid(), signal.SIGKILL)
-        return real_step(*args, **kwargs)  # pragma: no cover - never reached
-
-    score_module.fgsm_step = killing_fgsm_step
+    requests = list(requests)
     try:
-        yield
-    finally:
-        score_module.fgsm_step = real_step
+        rt = get_runtime(s)
+    except RuntimeConfigError as exc:
+        request_worker_shutdown(f"cannot load the model in pool process {os.getpid()}: {exc}")
+        return {"requeue": [r.id for r in requests], "written": 0}
+    return Batch(requests, rt, s).run()
 
 
-def _finite(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
+#: pid of the worker's main process, set by :func:`worker.app.create_app` (the pool processes
+#: are forked from it and inherit the value).
+MAIN_PID = os.getpid()
 
 
-def _worker_host() -> str:
-    from worker.runtime import worker_host
-
-    return worker_host()
-
-
-def _request_worker_shutdown(reason: str) -> None:
+def request_worker_shutdown(reason: str) -> None:
     """Ask the whole worker to stop (warm shutdown): it cannot score anything."""
+    import signal
+
     log.critical("%s; shutting the worker down", reason)
     target = MAIN_PID if os.getpid() != MAIN_PID else os.getpid()
     with contextlib.suppress(OSError):  # the main process may be gone already
         os.kill(target, signal.SIGTERM)
-
-
-def process_requests(requests: Iterable[Any], s: Settings | None = None) -> dict[str, Any]:
-    """Audit a batch of requests; returns ``{"requeue": [request ids to put back], ...}``."""
-    from worker.runtime import RuntimeConfigError, get_runtime
-
-    s = s or settings
-    requests = list(requests)
-    try:
-        rt = get_runtime()
-    except RuntimeConfigError as exc:
-        _request_worker_shutdown(f"cannot load the model in pool process {os.getpid()}: {exc}")
-        return {"requeue": [r.id for r in requests], "written": 0}
-    return _Batch(requests, rt, s).run()
-
-
-@app.task(
-    base=AuditBatches,
-    name=TASK_NAME,
-    bind=True,
-    flush_every=max(1, settings.batch_size),
-    flush_interval=max(settings.batch_wait_ms, 1) / 1000.0,
-    acks_late=True,
-    reject_on_worker_lost=True,
-)
-def audit(self: AuditBatches, requests: list[SimpleRequest]) -> dict[str, Any]:
-    """Audit up to ``batch_size`` inspections (celery-batches hands over the list)."""
-    return process_requests(requests)
-
-
-# --- worker signals --------------------------------------------------------------------------------
-@signals.worker_process_init.connect
-def _on_process_init(**_: Any) -> None:
-    from worker.runtime import init_process
-
-    init_process(settings)
-
-
-@signals.worker_ready.connect
-def _on_ready(sender: Any = None, **_: Any) -> None:
-    log.info(
-        "inspection-audit worker ready: node %s, queue %s, batch %d / %d ms, method %s, "
-        "database %s",
-        getattr(sender, "hostname", "?"),
-        settings.queue,
-        settings.batch_size,
-        settings.batch_wait_ms,
-        settings.decision_method,
-        _safe_url(settings.resolved_database_url),
-    )
-
-
-def _safe_url(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)
 
 
 def result_path(s: Settings, model_version: str, method: str, inspection_id: str) -> Path:

@@ -1,4 +1,6 @@
-"""The Celery application (no torch import here: the producer imports this module too).
+"""The Celery application, built from one :class:`Settings` by :func:`create_app`.
+
+No torch import here: the producer builds a sending-only app from :func:`celery_config` too.
 
 Settings that the guarantees of DESIGN.md §6 rest on:
 
@@ -13,13 +15,16 @@ Settings that the guarantees of DESIGN.md §6 rest on:
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import Celery
 
-from inspection_audit.settings import Settings, get_settings
+from inspection_audit.settings import Settings
 
 TASK_NAME = "inspection_audit.audit"
+
+log = logging.getLogger("inspection_audit.worker")
 
 
 def restore_options(visibility_timeout_s: int) -> dict[str, Any]:
@@ -74,9 +79,67 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-def make_celery(settings: Settings | None = None) -> Celery:
-    """A Celery app configured from ``settings`` (default: the environment)."""
-    settings = settings or get_settings()
-    app = Celery("inspection_audit", include=["worker.tasks"])
+def create_app(settings: Settings, *, worker: bool = True) -> Celery:
+    """A Celery app configured from ``settings`` (never from the environment at import time).
+
+    With ``worker=True`` the audit task is registered — micro-batched by
+    ``settings.batch_size`` (B) and ``settings.batch_wait_ms`` (T) with celery-batches, acked
+    per outcome (:class:`worker.acks.AuditBatches`), run by :func:`worker.batch.process_requests`
+    — and the worker's signals are connected (pool-process start-up, the ready line). That app
+    is what ``inspection-audit worker`` starts. With ``worker=False`` the app only sends (the
+    producer).
+    """
+    app = Celery("inspection_audit", set_as_current=False)
     app.conf.update(celery_config(settings))
+    if worker:
+        _register_worker(app, settings)
     return app
+
+
+def _register_worker(app: Celery, settings: Settings) -> None:
+    import os
+
+    from celery import signals
+
+    import worker.batch as batch
+    from worker.acks import AuditBatches
+
+    batch.MAIN_PID = os.getpid()  # the pool processes, forked later, inherit it
+
+    @app.task(
+        base=AuditBatches,
+        name=TASK_NAME,
+        bind=True,
+        flush_every=max(1, settings.batch_size),
+        flush_interval=max(settings.batch_wait_ms, 1) / 1000.0,
+        acks_late=True,
+        reject_on_worker_lost=True,
+    )
+    def audit(self: AuditBatches, requests: list[Any]) -> dict[str, Any]:
+        """Audit up to ``batch_size`` inspections (celery-batches hands over the list)."""
+        return batch.process_requests(requests, settings)
+
+    def on_process_init(**_: Any) -> None:
+        from worker.runtime import init_process
+
+        init_process(settings)
+
+    def on_ready(sender: Any = None, **_: Any) -> None:
+        from sqlalchemy.engine import make_url
+
+        log.info(
+            "inspection-audit worker ready: node %s, queue %s, batch %d / %d ms, method %s, "
+            "database %s",
+            getattr(sender, "hostname", "?"),
+            settings.queue,
+            settings.batch_size,
+            settings.batch_wait_ms,
+            settings.decision_method,
+            make_url(settings.resolved_database_url).render_as_string(hide_password=True),
+        )
+
+    # One receiver each per process (dispatch_uid): the last app built is the one that runs.
+    signals.worker_process_init.connect(
+        on_process_init, weak=False, dispatch_uid="inspection_audit.process_init"
+    )
+    signals.worker_ready.connect(on_ready, weak=False, dispatch_uid="inspection_audit.ready")

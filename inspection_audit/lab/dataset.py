@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from rich.progress import track
 
-from worker.preprocess import preprocess
+from worker.model.preprocess import preprocess
 
 LABELS = ("ok", "defect")
 SPLITS = ("train", "val", "test")

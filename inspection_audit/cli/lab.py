@@ -1,4 +1,4 @@
-"""Commands of the reliability engine: train, calibrate, evaluate, sweep."""
+"""Commands of the offline lab: ``train``, ``calibrate``, ``evaluate``, ``sweep``."""
 
 from __future__ import annotations
 
@@ -21,56 +21,45 @@ MANIFEST = click.option(
 
 
 def engine_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """Options of :class:`worker.engine.EngineConfig` plus the explained layer."""
-    opts = [
-        click.option(
-            "--attack",
-            type=click.Choice(["none", "fgsm", "pgd"]),
-            default="fgsm",
-            show_default=True,
-        ),
-        click.option(
-            "--epsilon",
-            type=float,
-            default=2 / 255,
-            show_default=True,
-            help="ε in [0,1] pixel units.",
-        ),
-        click.option("--pgd-steps", type=int, default=5, show_default=True),
-        click.option(
-            "--binarize",
-            type=click.Choice(["threshold", "otsu", "topk"]),
-            default="threshold",
-            show_default=True,
-        ),
-        click.option("--theta", type=float, default=0.5, show_default=True),
-        click.option("--topk", type=float, default=0.2, show_default=True),
-        click.option(
-            "--agnostic", type=click.Choice(["eigen", "mean"]), default="eigen", show_default=True
-        ),
-        click.option(
-            "--iou", type=click.Choice(["binary", "soft"]), default="binary", show_default=True
-        ),
-        click.option("--layer", default=None, help="Target layer (default: the checkpoint's)."),
-    ]
-    for o in reversed(opts):
-        f = o(f)
+    """One ``--option`` per exposed field of :class:`worker.engine.options.EngineConfig`
+    (derived from it: choices, defaults and help come from the field)."""
+    from worker.engine.options import option_fields
+
+    for o in reversed(option_fields()):
+        kind: Any = click.Choice(list(o.choices)) if o.choices else None
+        if kind is None and o.default is not None:
+            kind = type(o.default)
+        f = click.option(
+            o.cli, o.name, type=kind, default=o.default, show_default=True, help=o.help
+        )(f)
     return f
 
 
 def _config(kw: dict[str, Any]) -> Any:
-    from worker.engine import EngineConfig
+    """The :class:`~worker.engine.options.EngineConfig` of the parsed engine options.
 
-    return EngineConfig(
-        attack=kw["attack"],
-        epsilon=kw["epsilon"],
-        pgd_steps=kw["pgd_steps"],
-        binarize=kw["binarize"],
-        theta=kw["theta"],
-        topk=kw["topk"],
-        agnostic=kw["agnostic"],
-        iou=kw["iou"],
-    )
+    Raises:
+        click.BadParameter: an option the engine refuses.
+    """
+    from worker.engine.options import EngineConfig, option_fields
+
+    try:
+        return EngineConfig(**{o.name: kw[o.name] for o in option_fields()})
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+class MethodName(click.ParamType):
+    """A scoring method name, checked against the registry when the command runs."""
+
+    name = "method"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from worker.engine.methods import REGISTRY
+
+        if value not in REGISTRY:
+            self.fail(f"{value!r} is not one of {', '.join(REGISTRY.names())}", param, ctx)
+        return str(value)
 
 
 def _threads(n: int) -> None:
@@ -113,7 +102,7 @@ def _recipe_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _recipe(kw: dict[str, Any]) -> Any:
-    from worker.training import Recipe
+    from inspection_audit.lab.training import Recipe
 
     return Recipe(
         arch=kw["arch"],
@@ -139,8 +128,8 @@ def _recipe(kw: dict[str, Any]) -> Any:
 @click.option("--threads", default=0, type=int, help="torch threads (0 = all cores).")
 def train(manifest: Path, out: Path, snapshot_epochs: str, threads: int, **kw: Any) -> None:
     """Train a production model on the `train` split, keeping the best epoch on `val`."""
-    from worker.dataset import read_manifest
-    from worker.training import train_model
+    from inspection_audit.lab.dataset import read_manifest
+    from inspection_audit.lab.training import train_model
 
     _threads(threads)
     snaps = tuple(int(s) for s in snapshot_epochs.split(",") if s.strip())
@@ -173,8 +162,8 @@ def calibrate(
     manifest: Path, model: Path, split: str, target_recall: float, threads: int, **kw: Any
 ) -> None:
     """Pick τ for every method on a labelled split; store it next to the checkpoint."""
+    from inspection_audit.lab.protocol import calibrate_checkpoint
     from worker.engine.calibration import sidecar_path
-    from worker.evaluation import calibrate_checkpoint
 
     _threads(threads)
     cal = calibrate_checkpoint(
@@ -183,7 +172,6 @@ def calibrate(
         split=split,
         target_recall=target_recall,
         config=_config(kw),
-        layer=kw["layer"],
     )
     click.echo(
         f"wrote {sidecar_path(model)} (model_version {cal.model_version}, split {split}, "
@@ -222,9 +210,8 @@ def calibrate(
     "--decision-method",
     default="iou_gap_adv",
     show_default=True,
-    type=click.Choice(
-        ["msp", "energy", "iou_gap", "iou_gap_adv", "iou_defect", "iou_defect_adv", "fusion"]
-    ),
+    type=MethodName(),
+    help="Method whose τ decides the overlays (any name in worker.engine.methods.REGISTRY).",
 )
 @click.option("--bootstrap", default=1000, show_default=True, type=int)
 @engine_options
@@ -246,7 +233,7 @@ def evaluate(
     **kw: Any,
 ) -> None:
     """Evaluate every scoring method (DESIGN §4); write metrics.json, report.md, roc.png, overlays."""
-    from worker.evaluation import evaluate as run
+    from inspection_audit.lab.protocol import evaluate as run
 
     _threads(threads)
     if model is None and folds < 2:
@@ -261,7 +248,6 @@ def evaluate(
         folds=folds,
         recipe=_recipe(kw),
         config=_config(kw),
-        layer=kw["layer"],
         target_recall=target_recall,
         decision_method=decision_method,
         n_boot=bootstrap,
@@ -296,7 +282,7 @@ def evaluate(
 @click.option("--threads", default=0, type=int)
 def sweep(manifest: Path, model: Path, split: str, out: Path, threads: int) -> None:
     """Compare engine variants (layer, map, binarisation, IoU, attack) on one split (use `val`)."""
-    from worker.sweep import run_sweep
+    from inspection_audit.lab.sweep import run_sweep
 
     _threads(threads)
     results = run_sweep(manifest, model, split)
@@ -308,9 +294,3 @@ def sweep(manifest: Path, model: Path, split: str, out: Path, threads: int) -> N
             f"{r['variant']:70s} AUROC {r['auroc']:.3f}  TN@100% {100 * r['tn_flag_rate_at_full_recall']:.1f} %"
         )
     click.echo(f"wrote {out}")
-
-
-def register(main: click.Group) -> None:
-    """Attach this module's commands to the ``inspection-audit`` group."""
-    for cmd in (train, calibrate, evaluate, sweep):
-        main.add_command(cmd)

@@ -1,0 +1,39 @@
+"""The ``inspection-audit`` command line: one explicit command list, one module per group.
+
+=============  ==========================================================================
+module         commands
+=============  ==========================================================================
+``lab``        ``train``, ``calibrate``, ``evaluate``, ``sweep`` (the offline lab)
+``db``         ``db upgrade | downgrade | current`` (migrations, as their own step)
+``review``     ``review``, ``review verdict``
+``enqueue``    ``enqueue`` (the producer, from a shell)
+``worker``     ``worker`` (a Celery worker built from one ``Settings``)
+``demo``       ``demo`` (the whole pipeline on the embedded default)
+=============  ==========================================================================
+"""
+
+from __future__ import annotations
+
+import click
+
+from inspection_audit.cli import db, demo, enqueue, lab, review, worker
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Audit an ok/defect classifier's `ok` calls for false negatives."""
+
+
+COMMANDS: tuple[click.Command, ...] = (
+    lab.train,
+    lab.calibrate,
+    lab.evaluate,
+    lab.sweep,
+    db.db_group,
+    review.review,
+    enqueue.enqueue,
+    worker.worker,
+    demo.demo,
+)
+for _command in COMMANDS:
+    main.add_command(_command)
