@@ -100,6 +100,62 @@ def test_detect_target_layer_on_other_models():
         detect_target_layer(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)))
 
 
+@pytest.mark.parametrize(
+    ("arch", "layer"),
+    [
+        ("resnet18", "layer4"),
+        ("resnext50_32x4d", "layer4"),
+        ("densenet121", "features"),
+        ("mobilenet_v2", "features"),
+        ("mobilenet_v3_small", "features"),
+        ("efficientnet_b0", "features"),
+        ("vgg11_bn", "features"),
+        ("convnext_tiny", "features"),
+        ("regnet_x_400mf", "trunk_output"),
+        ("regnet_y_400mf", "trunk_output"),
+    ],
+)
+def test_detect_target_layer_on_tested_families(arch, layer):
+    """The families checked against pytorch_grad_cam in test_engine_families.py."""
+    backbone = build_backbone(arch, 2, 1)
+    assert detect_target_layer(backbone, arch=arch) == layer
+    assert detect_target_layer(backbone) == layer
+
+
+@pytest.mark.parametrize("arch", ["squeezenet1_1", "shufflenet_v2_x0_5", "mnasnet0_5"])
+def test_detect_target_layer_refuses_other_torchvision_archs(arch):
+    backbone = build_backbone(arch, 2, 1)
+    with pytest.raises(CheckpointError) as info:
+        detect_target_layer(backbone, arch=arch)
+    assert f"arch {arch!r} has no auto-detected target layer" in str(info.value)
+    assert "set target_layer in the checkpoint" in str(info.value)
+    with pytest.raises(CheckpointError, match="set target_layer in the checkpoint"):
+        detect_target_layer(backbone)  # recognised as a torchvision model without the name
+
+
+@pytest.mark.parametrize(
+    ("arch", "layer"), [("squeezenet1_1", "features"), ("shufflenet_v2_x0_5", "conv5")]
+)
+def test_checkpoint_of_other_arch_needs_explicit_target_layer(tmp_path, arch, layer):
+    with pytest.raises(CheckpointError, match=f"arch {arch!r} has no auto-detected target"):
+        tiny_checkpoint(tmp_path, arch=arch)
+    # with an explicit target layer the checkpoint is written and loaded...
+    path = tiny_checkpoint(tmp_path, arch=arch, target_layer=layer)
+    assert load_checkpoint(path).target_layer == layer
+    # ...and without one, loading names the file, the arch and the remedy
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["target_layer"]
+    bare = tmp_path / f"{arch}-no-target.pt"
+    torch.save(ckpt, bare)
+    _assert_refused(bare, f"arch {arch!r} has no auto-detected target layer")
+    _assert_refused(bare, "set target_layer in the checkpoint")
+
+
+def test_detect_target_layer_refuses_a_custom_module_named_by_arch():
+    with pytest.raises(CheckpointError, match="arch 'mynet'"):
+        detect_target_layer(nn.Sequential(nn.Conv2d(1, 4, 3)), arch="mynet")
+
+
 def _assert_refused(path: Path, reason: str) -> None:
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(path)

@@ -168,7 +168,7 @@ def train_model(
         mean=mean,
         std=std,
         in_channels=recipe.in_channels,
-        target_layer=detect_target_layer(backbone),
+        target_layer=detect_target_layer(backbone, arch=recipe.arch),
         recipe=asdict(recipe),
         **(extra or {}),
     )

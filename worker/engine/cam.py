@@ -46,6 +46,15 @@ def forward_with_activations(
 ) -> tuple[Tensor, Tensor]:
     """Run ``model(x)`` once and capture the output of ``layer``.
 
+    The returned activation is the layer's own output, whatever the rest of the network does
+    with it: the forward hook keeps that tensor and hands a clone of it to the layers after
+    ``layer``. In-place operations downstream (torchvision DenseNet's
+    ``F.relu(features, inplace=True)`` after ``features``, a residual ``out += identity`` after
+    a block's last BatchNorm) act on the clone, so they can neither change the activation nor
+    make the gradient taken w.r.t. it the gradient w.r.t. their own result, and a detached
+    leaf (``need_grad`` with frozen parameters) is never modified in place. The gradient of
+    the logits still flows to the activation (and on to ``x``) through the clone.
+
     Args:
         model: the classifier; ``x`` → logits ``float[B, C]``.
         layer: a submodule whose output is a ``float[B, K, h, w]`` tensor.
@@ -55,22 +64,29 @@ def forward_with_activations(
             w.r.t. the activation can still be taken.
 
     Returns:
-        ``(logits float[B, C], activations float[B, K, h, w])``.
+        ``(logits float[B, C], activations float[B, K, h, w])``; the activations are part of the
+        graph of the logits whenever they require grad.
 
     Raises:
-        CamError: the layer did not run, or its output is not a 4-D tensor.
+        CamError: the layer did not run, its output is not a 4-D tensor, or its output was
+            modified in place after the layer returned (an output that aliases a tensor the
+            network changes later, e.g. an ``nn.Identity`` whose input is then modified in
+            place: explain another layer).
     """
     store: dict[str, Tensor] = {}
+    version: dict[str, int] = {}  # inference tensors (caller's inference_mode) have none
 
-    def hook(_module: nn.Module, _inputs: Any, output: Any) -> Tensor | None:
+    def hook(_module: nn.Module, _inputs: Any, output: Any) -> Tensor:
         if not isinstance(output, Tensor):
             raise CamError(f"target layer output is {type(output).__name__}, not a tensor")
-        if need_grad and not output.requires_grad:
-            output = output.detach().requires_grad_(True)
-            store["a"] = output
-            return output
-        store["a"] = output
-        return None
+        act = output
+        if need_grad and not act.requires_grad:
+            act = act.detach().requires_grad_(True)
+        store["a"] = act
+        if not act.is_inference():
+            version["a"] = act._version
+        # The rest of the network gets a copy: in-place ops after the layer act on the copy.
+        return act.clone()
 
     handle = layer.register_forward_hook(hook)
     try:
@@ -80,6 +96,11 @@ def forward_with_activations(
     act = store.get("a")
     if act is None:
         raise CamError("target layer did not run in the forward pass")
+    if "a" in version and act._version != version["a"]:
+        raise CamError(
+            "target layer output was modified in place after the layer returned (it aliases a "
+            "tensor the network changes later); choose a layer that returns a new tensor"
+        )
     if act.dim() != 4:
         raise CamError(f"target layer output must be [B, K, h, w], got {tuple(act.shape)}")
     if logits.dim() != 2:

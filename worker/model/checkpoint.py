@@ -150,15 +150,49 @@ def build_backbone(arch: str, num_classes: int, in_channels: int) -> nn.Module:
     return model
 
 
-def detect_target_layer(backbone: nn.Module) -> str:
-    """The last top-level child that contains a ``Conv2d`` (e.g. ``layer4`` of a ResNet).
+#: torchvision model classes whose target layer is auto-detected, and that layer: the last
+#: convolutional stage, fed to global pooling and the head. Each family is checked against
+#: ``pytorch_grad_cam`` in ``tests/test_engine_families.py``; add a family only with its test.
+AUTO_TARGET_LAYERS: dict[type[nn.Module], str] = {
+    torchvision.models.ResNet: "layer4",  # resnet*, resnext*, wide_resnet*
+    torchvision.models.DenseNet: "features",  # densenet*
+    torchvision.models.MobileNetV2: "features",
+    torchvision.models.MobileNetV3: "features",  # mobilenet_v3_small / _large
+    torchvision.models.EfficientNet: "features",  # efficientnet_b*, efficientnet_v2_*
+    torchvision.models.VGG: "features",  # vgg*, vgg*_bn
+    torchvision.models.ConvNeXt: "features",  # convnext_*
+    torchvision.models.RegNet: "trunk_output",  # regnet_x_*, regnet_y_*
+}
 
-    Top-level only: for a model whose last conv-bearing child ends in a 1×1 map (SqueezeNet's
-    ``classifier``) every map is constant; name ``target_layer`` in such a checkpoint.
+
+def detect_target_layer(backbone: nn.Module, *, arch: str | None = None) -> str:
+    """The target layer to explain when a checkpoint names none.
+
+    For the torchvision families of :data:`AUTO_TARGET_LAYERS` (ResNet/ResNeXt/Wide ResNet,
+    DenseNet, MobileNet v2/v3, EfficientNet, VGG, ConvNeXt, RegNet) it is that family's last
+    convolutional stage (``layer4``, ``features`` or ``trunk_output``). Any other torchvision
+    model, and any model named by ``arch``, is refused: name ``target_layer`` in its checkpoint.
+    A module that is not a torchvision classifier (``arch`` not given) gets the last top-level
+    child that contains a ``Conv2d``.
+
+    Args:
+        backbone: the classifier (without :class:`NormalizedModel`).
+        arch: the checkpoint's torchvision model name, used in the error message and to refuse
+            a backbone outside the tested families.
 
     Raises:
-        CheckpointError: the model contains no convolution.
+        CheckpointError: an arch outside the tested families, or a model with no convolution.
     """
+    cls = type(backbone)
+    if cls in AUTO_TARGET_LAYERS:
+        return AUTO_TARGET_LAYERS[cls]
+    if arch is not None or cls.__module__.startswith("torchvision.models"):
+        name = arch if arch is not None else cls.__name__
+        raise CheckpointError(
+            f"arch {name!r} has no auto-detected target layer (auto-detection covers resnet, "
+            "resnext, wide_resnet, densenet, mobilenet_v2, mobilenet_v3, efficientnet, vgg, "
+            "convnext and regnet); set target_layer in the checkpoint"
+        )
     last: str | None = None
     for name, child in backbone.named_children():
         if any(isinstance(m, nn.Conv2d) for m in child.modules()):
@@ -204,7 +238,7 @@ def save_checkpoint(
         "mean": [float(m) for m in mean],
         "std": [float(s) for s in std],
         "in_channels": in_channels,
-        "target_layer": target_layer or detect_target_layer(backbone),
+        "target_layer": target_layer or detect_target_layer(backbone, arch=arch),
         "model_version": version,
         **extra,
     }
@@ -263,7 +297,12 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Pro
         backbone.load_state_dict(ckpt["state_dict"], strict=True)
     except Exception as exc:
         raise fail(f"state_dict does not fit arch {ckpt['arch']!r}: {exc}") from exc
-    target_layer = ckpt.get("target_layer") or detect_target_layer(backbone)
+    try:
+        target_layer = ckpt.get("target_layer") or detect_target_layer(
+            backbone, arch=str(ckpt["arch"])
+        )
+    except CheckpointError as exc:
+        raise fail(str(exc)) from exc
     try:
         backbone.get_submodule(target_layer)
     except AttributeError as exc:
