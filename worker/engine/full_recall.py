@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy import stats
 
 #: Largest number of threshold combinations ``Π_m (P_m + 1)`` searched exhaustively by
 #: :func:`fit_or_rule`; above it the greedy local search is used.
@@ -68,6 +67,8 @@ def recall_lower_bound(caught: int, n: int, confidence: float = 0.95) -> float:
         raise ValueError(f"caught must be in [0, {n}], got {caught}")
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    from scipy import stats  # lazy: scipy.stats costs ~0.7 s to import, only this needs it
+
     res = stats.binomtest(int(caught), int(n), alternative="greater")
     return float(res.proportion_ci(confidence_level=confidence, method="exact").low)
 
