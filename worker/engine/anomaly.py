@@ -159,7 +159,8 @@ def extract_patch_features(
             :class:`worker.checkpoint.NormalizedModel`, whose normalisation is inside, with
             layers ``"backbone.layer2", "backbone.layer3"``; or
             :func:`worker.engine.backbones.efficientnet_lite0_feature_model`).
-        layers: dotted submodule names, first = the finest grid; each must output a 4-D tensor.
+        layers: dotted submodule names, first = the finest grid; each must output a 4-D tensor
+            (a layer that runs more than once is captured at its first call).
         x: ``float32[B, C, H, W]`` in [0, 1] pixel units.
         mean, std: optional per-channel normalisation ``(x − mean) / std`` applied before the
             model (leave None when the model normalises itself).
