@@ -217,7 +217,7 @@ def random_model(image_size: int, seed: int = 0, arch: str = "resnet18") -> Mode
 
 
 def checkpoint_model(path: Path) -> ModelSpec:
-    """A DESIGN §2 checkpoint, loaded on the CPU."""
+    """A docs/design.md §2 checkpoint, loaded on the CPU."""
     from worker.model.checkpoint import load_checkpoint
 
     pm = load_checkpoint(path, "cpu")
@@ -369,7 +369,7 @@ def compare_with_gradcam(
 ) -> dict[str, float]:
     """Largest absolute difference between the engine's maps (b) and pytorch_grad_cam's (d).
 
-    EigenCAM does not fix the SVD sign (DESIGN §7): each image's agnostic map is compared with
+    EigenCAM does not fix the SVD sign (docs/design.md §7): each image's agnostic map is compared with
     both signs of the engine's projection and the closer one counts.
     """
     import torch.nn.functional as F

@@ -1,4 +1,4 @@
-"""Delivery counting: the worker's cap on redeliveries (DESIGN §7).
+"""Delivery counting: the worker's cap on redeliveries (docs/design.md §7).
 
 Celery's ``task_reject_on_worker_lost`` puts a message back on the queue every time the process
 scoring it dies, without limit: an image that crashes the worker (out of memory, a native

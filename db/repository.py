@@ -1,7 +1,7 @@
 """The queries of inspection-audit: idempotent writes for the worker, reads for the CLI.
 
 Writes use ``INSERT … ON CONFLICT`` of the session's dialect (PostgreSQL or SQLite), so that
-at-least-once delivery yields exactly one row per key even with concurrent writers (DESIGN §6).
+at-least-once delivery yields exactly one row per key even with concurrent writers (docs/design.md §6).
 Functions take a :class:`~sqlalchemy.orm.Session` and never commit: the caller owns the
 transaction (see :func:`db.session.session_scope`). The worker hands over typed rows
 (:mod:`db.rows`).

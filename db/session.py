@@ -107,19 +107,12 @@ def _session_factory(url: str) -> sessionmaker[Session]:
 def session_scope(url: str) -> Iterator[Session]:
     """Yield a :class:`~sqlalchemy.orm.Session` on ``url`` as one transaction.
 
-    Commits when the block ends normally, rolls back and re-raises when it raises, and
-    always closes the session. Objects stay usable after the commit (``expire_on_commit`` is
+    ``sessionmaker.begin()``: commits when the block ends normally, rolls back and re-raises
+    when it raises, and always closes the session. Objects stay usable after the commit (``expire_on_commit`` is
     off). Database errors propagate as ``sqlalchemy.exc`` exceptions.
     """
-    session = _session_factory(url)()
-    try:
+    with _session_factory(url).begin() as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 def dispose_engines(url: str | None = None) -> None:

@@ -174,7 +174,7 @@ def get_settings() -> Settings:
 
 
 def pin_threads(n: int) -> None:
-    """Pin OpenMP/BLAS and torch threads of this process to ``n`` (DESIGN §7).
+    """Pin OpenMP/BLAS and torch threads of this process to ``n`` (docs/design.md §7).
 
     Default BLAS threading on a small machine made one SVD take ~0.7 s instead of ~9 ms.
     Must run before the first BLAS call to take full effect.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Start Redis and PostgreSQL on this machine if they are not already running (DESIGN.md §8).
+# Start Redis and PostgreSQL on this machine if they are not already running (docs/design.md §8).
 # The same commands start them on CI and on a fresh machine of this kind.
 set -euo pipefail
 

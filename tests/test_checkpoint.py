@@ -1,4 +1,4 @@
-"""The DESIGN §2 checkpoint format: round trip, target-layer detection, refusal messages."""
+"""The docs/design.md §2 checkpoint format: round trip, target-layer detection, refusal messages."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""FGSM / PGD toward the defect class (DESIGN §3.6): bounds, hand-computed gains, equivalences."""
+"""FGSM / PGD toward the defect class (docs/design.md §3.6): bounds, hand-computed gains, equivalences."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from tests.fixtures_models import tiny_model
+from tests.support.models import tiny_model
 from worker.engine import anomaly as anomaly_mod
 from worker.engine.anomaly import (
     BankError,

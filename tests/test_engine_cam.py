@@ -1,6 +1,6 @@
 """Saliency maps against an independent oracle (``pytorch_grad_cam`` 1.5.7) and hand cases.
 
-DESIGN §3.1–3.3 and the §7 notes on using ``pytorch_grad_cam`` as an oracle: it calls
+docs/design.md §3.1–3.3 and the §7 notes on using ``pytorch_grad_cam`` as an oracle: it calls
 ``model.eval()`` and keeps hooks while it lives (so it gets a deep copy and a ``with`` block),
 normalises min-max, resizes with cv2 (bilinear) and normalises again, which
 ``F.interpolate(bilinear, align_corners=False)`` + min-max reproduces to about 1e-6; its
@@ -282,7 +282,7 @@ def test_gapnet_closed_form_and_autograd_agree(closed_form):
         torch.testing.assert_close(ours, minmax_normalize(F.relu(d)), rtol=0, atol=1e-6)
 
 
-# -- mirror property (DESIGN §7) --------------------------------------------------------------
+# -- mirror property (docs/design.md §7) --------------------------------------------------------------
 
 
 def _masks(s) -> tuple[torch.Tensor, torch.Tensor]:

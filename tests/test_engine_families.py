@@ -2,7 +2,7 @@
 
 Worker-like setup: a seeded random-init model (``weights=None``) in ``eval()`` mode with frozen
 parameters, scored under the caller's ``torch.inference_mode()``, at the layer
-:func:`worker.checkpoint.detect_target_layer` picks. Grad-CAM (``defect`` and ``ok``) must equal
+:func:`worker.model.checkpoint.detect_target_layer` picks. Grad-CAM (``defect`` and ``ok``) must equal
 ``pytorch_grad_cam.GradCAM`` and Eigen-CAM ``pytorch_grad_cam.EigenCAM`` (up to the SVD sign)
 within 1e-4 after min-max normalisation and bilinear upsampling (see ``test_engine_cam.py``).
 
@@ -32,8 +32,7 @@ from pytorch_grad_cam import EigenCAM, GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from tests.fixtures_models import tiny_model
-from worker.checkpoint import AUTO_TARGET_LAYERS, detect_target_layer
+from tests.support.models import tiny_model
 from worker.engine import (
     CamError,
     EngineConfig,
@@ -44,6 +43,7 @@ from worker.engine import (
     minmax_normalize,
     upsample,
 )
+from worker.model.checkpoint import AUTO_TARGET_LAYERS, detect_target_layer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

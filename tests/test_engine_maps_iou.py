@@ -1,4 +1,4 @@
-"""Map post-processing (upsample, normalise, binarise) and IoU: hand cases and oracles (DESIGN §3.3–3.4)."""
+"""Map post-processing (upsample, normalise, binarise) and IoU: hand cases and oracles (docs/design.md §3.3–3.4)."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def test_minmax_hand_case_per_image():
 
 @pytest.mark.parametrize("value", [0.0, 1.0, 3.7, -2.0, 1e20, 1e-30])
 def test_minmax_constant_map_is_all_zeros(value):
-    """DESIGN §3.3/§7: a constant map becomes all zeros, never NaN."""
+    """docs/design.md §3.3/§7: a constant map becomes all zeros, never NaN."""
     out = minmax_normalize(torch.full((2, 8, 8), value))
     assert torch.equal(out, torch.zeros(2, 8, 8))
 

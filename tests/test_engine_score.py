@@ -1,4 +1,4 @@
-"""ReliabilityEngine.score(): batch invariance, robustness, constant maps, DESIGN §7 guarantees."""
+"""ReliabilityEngine.score(): batch invariance, robustness, constant maps, docs/design.md §7 guarantees."""
 
 from __future__ import annotations
 
@@ -141,7 +141,7 @@ def test_from_production_model_equals_engine_on_the_same_weights(tmp_path):
     torch.testing.assert_close(a.cam_defect, b.cam_defect)
 
 
-# -- batch invariance (DESIGN §7: eval mode, no map depends on its batch) -----------------------
+# -- batch invariance (docs/design.md §7: eval mode, no map depends on its batch) -----------------------
 
 BATCH_CONFIGS = [
     dict(attack="fgsm"),
@@ -302,7 +302,7 @@ def test_constant_maps_give_zero_ious_and_gap(num_classes, closed_form, cfg):
     assert float(binary_iou(empty, empty)[0]) == 0.0
 
 
-# -- DESIGN §7 guarantees -------------------------------------------------------------------
+# -- docs/design.md §7 guarantees -------------------------------------------------------------------
 
 GUARANTEE_CONFIGS = [dict(), dict(closed_form=False), dict(attack="pgd", pgd_steps=2)]
 

@@ -1,7 +1,7 @@
 """Faults of the services around the pipeline (docs/reliability.md): the database unreachable
 for ~10 s while a worker runs, and Redis restarting while a producer enqueues.
 
-Nothing here stops a shared server (DESIGN §8): the database outage is a TCP proxy owned by the
+Nothing here stops a shared server (docs/design.md §8): the database outage is a TCP proxy owned by the
 test between the worker and PostgreSQL, and the Redis that restarts is a ``redis-server`` the
 test starts on a free port of its own. The helper :class:`RedisServer` is used by the other
 ``test_faults_*`` modules too.

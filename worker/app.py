@@ -2,7 +2,7 @@
 
 No torch import here: the producer builds a sending-only app from :func:`celery_config` too.
 
-Settings that the guarantees of DESIGN.md §6 rest on:
+Settings that the guarantees of docs/design.md §6 rest on:
 
 * JSON only (``accept_content=["json"]``): a pickle message is refused, never deserialised.
 * ``task_acks_late`` + ``task_reject_on_worker_lost``: a message is acknowledged only after its

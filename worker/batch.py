@@ -8,7 +8,7 @@ them, scores them in one engine call and writes their rows in one transaction.
 Acknowledgement per outcome is :mod:`worker.acks`'s (the pool process returns which
 requests to put back).
 
-Redelivery cap (DESIGN §7): requeueing has no limit, so every delivery during which an image
+Redelivery cap (docs/design.md §7): requeueing has no limit, so every delivery during which an image
 is *at risk* (decoded and scored) is counted in ``delivery_attempts`` (:mod:`db.deliveries`), in
 its own committed transaction, before the risk: a fresh image (never counted before) when its
 batch is received, a redelivered image only when its own turn comes. Redelivered images are

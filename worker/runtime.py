@@ -2,7 +2,7 @@
 
 Celery's prefork pool forks its children from the main worker process; a model loaded before the
 fork would be shared copy-on-write with BLAS/OpenMP state that does not survive a fork, and CUDA
-does not survive a fork at all (DESIGN §7). So:
+does not survive a fork at all (docs/design.md §7). So:
 
 * the main process only *validates* the checkpoint and its calibration sidecar, on the CPU
   (:func:`validate`), and throws the model away;

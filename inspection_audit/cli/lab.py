@@ -232,7 +232,7 @@ def evaluate(
     snapshot_epochs: str,
     **kw: Any,
 ) -> None:
-    """Evaluate every scoring method (DESIGN §4); write metrics.json, report.md, roc.png, overlays."""
+    """Evaluate every scoring method (docs/design.md §4); write metrics.json, report.md, roc.png, overlays."""
     from inspection_audit.lab.protocol import evaluate as run
 
     _threads(threads)

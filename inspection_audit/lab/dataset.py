@@ -1,4 +1,4 @@
-"""Datasets as ``manifest.csv`` (DESIGN.md §4): ``path,label,defect_type,mask_path,split``.
+"""Datasets as ``manifest.csv`` (docs/design.md §4): ``path,label,defect_type,mask_path,split``.
 
 Paths are relative to the manifest's folder; labels are ``ok``/``defect``; ``split`` is
 ``train``/``val``/``test``.

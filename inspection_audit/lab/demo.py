@@ -54,7 +54,7 @@ def find_dataset(given: Path | None, from_settings: Path | None) -> Path:
         + "; ".join(tried)
         + "). Pass --dataset FOLDER or set INSPECTION_AUDIT_DATASET to a folder with a "
         "manifest.csv (columns path,label,defect_type,mask_path,split; paths relative to it; "
-        "labels ok/defect; splits train/val/test; see DESIGN.md §4), e.g. the Magnetic Tile "
+        "labels ok/defect; splits train/val/test; see docs/design.md §4), e.g. the Magnetic Tile "
         "surface defect dataset (Huang et al., 2020) laid out that way."
     )
 

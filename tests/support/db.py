@@ -1,7 +1,7 @@
 """Fixtures: db.
 
 * ``pg_url``: a fresh PostgreSQL database ``inspection_audit_test_<hex>`` on the shared server
-  (DESIGN §8), dropped afterwards. The admin URL (a database to run CREATE/DROP DATABASE in)
+  (docs/design.md §8), dropped afterwards. The admin URL (a database to run CREATE/DROP DATABASE in)
   defaults to ``postgresql+psycopg://postgres@127.0.0.1:5432/postgres`` and may be overridden
   with ``INSPECTION_AUDIT_TEST_PG_ADMIN_URL``.
 * ``sqlite_url``: a SQLite file under ``tmp_path``.

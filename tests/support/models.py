@@ -57,7 +57,7 @@ def tiny_checkpoint(
     model_version: str | None = None,
     name: str | None = None,
 ) -> Path:
-    """Write a seeded random-init DESIGN §2 checkpoint under ``tmp_path`` and return its path.
+    """Write a seeded random-init docs/design.md §2 checkpoint under ``tmp_path`` and return its path.
 
     ``class_names`` is ``["ok", "defect"]``; ``mean``/``std`` are ``0.5``/``0.25`` per channel;
     ``target_layer`` is auto-detected (``layer4`` for a ResNet) unless given.

@@ -1,4 +1,4 @@
-"""Fixtures: queue (a real Redis on 127.0.0.1:6379; DESIGN.md §8).
+"""Fixtures: queue (a real Redis on 127.0.0.1:6379; docs/design.md §8).
 
 Parallel runs share Redis database 0, so every test gets its own queue name
 (``ia-test-<hex>``) and, where a test builds its own Celery app, its own kombu
@@ -130,7 +130,7 @@ def redis_url() -> str:
     """``redis://127.0.0.1:6379/0``, after checking that Redis answers; skips otherwise."""
     why = redis_available(REDIS_URL)
     if why is not None:
-        pytest.skip(f"Redis is not available ({why}); see DESIGN.md §8 to start it")
+        pytest.skip(f"Redis is not available ({why}); see docs/design.md §8 to start it")
     return REDIS_URL
 
 

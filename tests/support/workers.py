@@ -66,7 +66,7 @@ def make_images(folder: Path, n: int, *, size: int = 40, seed: int = 0) -> list[
 def write_sidecar(
     checkpoint: Path, method: str, tau: float, engine: dict[str, Any] | None = None
 ) -> Path:
-    """A hand-written calibration sidecar with ``tau`` for ``method`` (DESIGN: <ckpt>.calibration.json)."""
+    """A hand-written calibration sidecar with ``tau`` for ``method`` (docs/design.md §3.7: <ckpt>.calibration.json)."""
     from worker.model.checkpoint import load_checkpoint
 
     version = load_checkpoint(checkpoint).model_version

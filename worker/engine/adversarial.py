@@ -1,4 +1,4 @@
-"""Adversarial enhancement toward the defect class (DESIGN.md §3.6).
+"""Adversarial enhancement toward the defect class (docs/design.md §3.6).
 
 * FGSM — I. J. Goodfellow, J. Shlens, C. Szegedy, *Explaining and Harnessing Adversarial
   Examples*, ICLR 2015: ``x' = clip(x + ε · sign(∇ₓ z_defect), 0, 1)``.

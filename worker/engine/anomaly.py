@@ -156,7 +156,7 @@ def extract_patch_features(
 
     Args:
         model: an eval-mode ``nn.Module`` taking ``x`` (e.g. a
-            :class:`worker.checkpoint.NormalizedModel`, whose normalisation is inside, with
+            :class:`worker.model.checkpoint.NormalizedModel`, whose normalisation is inside, with
             layers ``"backbone.layer2", "backbone.layer3"``; or
             :func:`worker.engine.backbones.efficientnet_lite0_feature_model`).
         layers: dotted submodule names, first = the finest grid; each must output a 4-D tensor

@@ -228,7 +228,7 @@ class RGBInput(nn.Module):
 
     Input ``float32[B, 1 or 3, H, W]``; a single grey channel is repeated to three. The
     wrapped network is the submodule ``backbone`` (so its layers are ``"backbone.<name>"``),
-    as in :class:`worker.checkpoint.NormalizedModel`.
+    as in :class:`worker.model.checkpoint.NormalizedModel`.
     """
 
     mean: Tensor

@@ -1,4 +1,4 @@
-"""Class activation maps computed from one forward pass (DESIGN.md §3.1–3.2).
+"""Class activation maps computed from one forward pass (docs/design.md §3.1–3.2).
 
 * Grad-CAM — R. R. Selvaraju et al., *Grad-CAM: Visual Explanations from Deep Networks via
   Gradient-based Localization*, ICCV 2017: ``α_k^c = mean_ij ∂z_c/∂A_k``,

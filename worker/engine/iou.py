@@ -1,4 +1,4 @@
-"""Intersection over union of saliency masks (DESIGN.md §3.4).
+"""Intersection over union of saliency masks (docs/design.md §3.4).
 
 ``IoU(P, Q) = |P ∩ Q| / |P ∪ Q|``, defined as 0 when the union is empty. The soft variant is
 the Ruzicka (weighted Jaccard) similarity ``Σ min(p, q) / Σ max(p, q)`` of maps in [0, 1].

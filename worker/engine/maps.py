@@ -1,4 +1,4 @@
-"""Saliency-map post-processing (DESIGN.md §3.3): upsample, normalise, binarise.
+"""Saliency-map post-processing (docs/design.md §3.3): upsample, normalise, binarise.
 
 Maps are upsampled bilinearly (``align_corners=False``, as cv2.resize does) to the input size,
 min-max normalised per image to [0, 1] (a constant map becomes all zeros, never NaN), then

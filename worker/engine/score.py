@@ -1,4 +1,4 @@
-"""The reliability score: IoU gap between class-specific and class-agnostic maps (DESIGN.md §3).
+"""The reliability score: IoU gap between class-specific and class-agnostic maps (docs/design.md §3).
 
 Source of the method: H.-C. Dong et al., *When Can We Trust Deep Neural Networks? Towards
 Reliable Industrial Deployment with an Interpretability Guide*, arXiv:2604.19206 (2026).
@@ -14,7 +14,7 @@ on the target layer and returns, per image:
 * with adversarial enhancement (FGSM or PGD toward ``defect``, ε in [0, 1] pixel units): the same
   numbers on ``x'`` (``*_adv``) and whether ``x'`` flips the prediction.
 
-Known property (DESIGN §7): for a softmax head trained with cross-entropy, ``S_ok`` is close
+Known property (docs/design.md §7): for a softmax head trained with cross-entropy, ``S_ok`` is close
 to ``ReLU(−D)`` where ``S_defect = ReLU(D)``; for a single-logit head they are exact mirrors. The
 two masks are then (nearly) disjoint and ``iou_gap`` is a signed test of where the
 class-agnostic region falls. The score stays defined.

@@ -1,4 +1,4 @@
-"""The production model's checkpoint format (DESIGN.md §2): build, save and load.
+"""The production model's checkpoint format (docs/design.md §2): build, save and load.
 
 A checkpoint is a ``torch.save`` dict with ``arch`` (a torchvision classification model name),
 ``state_dict``, ``num_classes`` (2, or 1 for a single-logit sigmoid head), ``class_names``,
@@ -226,7 +226,7 @@ def save_checkpoint(
     model_version: str | None = None,
     **extra: Any,
 ) -> str:
-    """Write a DESIGN §2 checkpoint; returns its ``model_version``."""
+    """Write a docs/design.md §2 checkpoint; returns its ``model_version``."""
     state = {k: v.detach().cpu() for k, v in backbone.state_dict().items()}
     version = model_version or model_version_of(state, arch)
     payload = {
