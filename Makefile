@@ -31,5 +31,6 @@ lint: install
 test: install services
 	bash scripts/ensure-tools.sh
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q

@@ -29,16 +29,17 @@ def kill_in_attack(inspection_ids: Iterable[str]) -> Iterator[None]:
         yield
         return
     import worker.engine.score as score_module
+    from worker.engine import adversarial
 
-    real_step = score_module.fgsm_step
+    real_step = adversarial.fgsm_step
 
     def killing_fgsm_step(*args: Any, **kwargs: Any) -> Any:
         log.critical("FAULT INJECTION: pool process %d kills itself during FGSM", os.getpid())
         os.kill(os.getpid(), signal.SIGKILL)
         return real_step(*args, **kwargs)  # pragma: no cover - never reached
 
-    score_module.fgsm_step = killing_fgsm_step
+    score_module.fgsm_step = killing_fgsm_step  # type: ignore[attr-defined]
     try:
         yield
     finally:
-        score_module.fgsm_step = real_step
+        score_module.fgsm_step = real_step  # type: ignore[attr-defined]

@@ -121,7 +121,8 @@ class MBConvBlock(nn.Module):
             h = self.act(self._bn0(self._expand_conv(h)))
         h = self.act(self._bn1(self._depthwise_conv(h)))
         h = self._bn2(self._project_conv(h))
-        return h + x if self.residual else h
+        out: Tensor = h + x if self.residual else h
+        return out
 
 
 class EfficientNetLite0(nn.Module):
@@ -157,7 +158,8 @@ class EfficientNetLite0(nn.Module):
         for block in self._blocks:
             h = block(h)
         h = self.act(self._bn1(self._conv_head(h)))
-        return self._fc(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
+        logits: Tensor = self._fc(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
+        return logits
 
 
 def efficientnet_lite0_weights_path() -> Path:
