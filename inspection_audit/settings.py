@@ -99,6 +99,27 @@ class Settings(_EngineSettings):  # type: ignore[misc,valid-type]
         description="Images per engine pass inside a micro-batch (bounds the FGSM graph's memory).",
     )
 
+    # --- second opinions (each off when empty; see worker/measure.py) ----------------------
+    auditor_models: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Auditor checkpoints beside the production model (comma-separated paths): "
+        "trained on the same labelled data, made to fail differently.",
+    )
+    snapshot_models: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Snapshot checkpoints of the production model's own training run "
+        "(comma-separated): a cheap ensemble.",
+    )
+    views: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Test-time views of the production model (comma-separated, e.g. "
+        "identity,hflip,vflip,hvflip); only views its recipe was trained to be invariant to.",
+    )
+    anomaly_banks: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="PatchCore banks written by `inspection-audit fit-bank` (comma-separated).",
+    )
+
     # --- limits on input ----------------------------------------------------------------------
     max_image_bytes: int = Field(default=20_000_000, ge=1)
     max_inline_bytes: int = Field(default=2_000_000, ge=1)
@@ -135,7 +156,9 @@ class Settings(_EngineSettings):  # type: ignore[misc,valid-type]
         """
         return EngineConfig(**{o.name: getattr(self, o.name) for o in option_fields()})
 
-    @field_validator("image_roots", mode="before")
+    @field_validator(
+        "image_roots", "auditor_models", "snapshot_models", "views", "anomaly_banks", mode="before"
+    )
     @classmethod
     def _split_roots(cls, value: object) -> object:
         if isinstance(value, str):

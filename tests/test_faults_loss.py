@@ -165,14 +165,14 @@ def test_sigkill_whole_worker_mid_batch_then_restart_one_row_each(
 def test_pool_process_killed_in_fgsm_is_requeued_then_capped(
     tmp_path: Path, migrated_sqlite_url: str, private_redis: RedisServer
 ) -> None:
-    """The fault-injection hook (``worker.batch.FAULT_KILL_IN_ATTACK_ENV``) makes the pool
+    """The fault-injection hook (``worker.faults.FAULT_KILL_IN_ATTACK_ENV``) makes the pool
     process SIGKILL itself inside FGSM whenever its engine batch holds ``poison``. ``poison``
     is sent first, three innocent images after it, in one micro-batch. The main process
     requeues the lost batch each time; redelivered images are then worked on one at a time,
     so the innocent ones are scored (never dragged to the cap with ``poison``), and after
     ``max_redeliveries`` (1) lost deliveries ``poison`` becomes an ``error`` row that says so.
     The worker's main process keeps running throughout."""
-    from worker.batch import FAULT_KILL_IN_ATTACK_ENV
+    from worker.faults import FAULT_KILL_IN_ATTACK_ENV
 
     images = make_images(tmp_path / "img", 4)
     ckpt = tiny_checkpoint(tmp_path, size=(48, 48))

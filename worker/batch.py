@@ -82,7 +82,8 @@ class Item:
     duplicate: bool = False  # its row is already there and done: only count the delivery
     duplicate_of: Item | None = None  # the same key earlier in this batch
     error: str | None = None
-    x: torch.Tensor | None = None
+    image: torch.Tensor | None = None  # decoded at its own size, float32[C, h, w]
+    x: torch.Tensor | None = None  # fitted to the production model's input
     decode_ms: float | None = None
     row: AuditRow | None = None
     written: bool = False
@@ -280,7 +281,9 @@ class Batch:
 
     # 3. decode ----------------------------------------------------------------------------
     def decode(self, items: list[Item]) -> None:
-        from worker.model.preprocess import ImageError, preprocess
+        """Decode each image at its own size (``it.image``) and fit it to the production
+        model's input (``it.x``); an image that cannot be read becomes the item's error."""
+        from worker.model.preprocess import ImageError, fit_to_input, load_image
 
         pm = self.rt.pm
         limits = image_limits(self.s)
@@ -290,7 +293,8 @@ class Batch:
             t = time.perf_counter()
             try:
                 data = image_bytes(it.msg, self.s)
-                it.x = preprocess(data, pm.input_size, pm.in_channels, limits)
+                it.image = load_image(data, pm.in_channels, limits)
+                it.x = fit_to_input(it.image, pm.input_size, pm.resize)
             except ImageError as exc:
                 it.error = str(exc)
             except Exception as exc:  # a decoder bug must not take the batch down
@@ -358,9 +362,10 @@ class Batch:
         t = time.perf_counter()
         try:
             x = torch.stack([it.x for it in group if it.x is not None]).to(rt.device)
+            images = [it.image for it in group if it.image is not None]
             with self.fault_hook(it.key[0] for it in group if it.key is not None):
-                scores = rt.engine.score(x)
-            rows = scores.rows()
+                measured = rt.suite.measure(images, x)
+            rows = measured.rows
         except Exception as exc:
             if len(group) > 1:
                 log.warning(
@@ -398,19 +403,25 @@ class Batch:
             )
             if flagged and self.s.save_overlays:
                 row.overlay_path = self._overlay(
-                    it, scores.cam_defect[i], decision.score, decision.tau
+                    it,
+                    measured.images[i],
+                    measured.maps[i]["gradcam_defect"],
+                    decision.score,
+                    decision.tau,
                 )
             it.row = row
 
-    def _overlay(self, it: Item, cam: Any, score: float | None, tau: float | None) -> str | None:
+    def _overlay(
+        self, it: Item, image: Any, cam: Any, score: float | None, tau: float | None
+    ) -> str | None:
         from worker.model.overlay import save_overlay
 
-        assert it.key is not None and it.x is not None
+        assert it.key is not None
         iid, version, method = it.key
         path = result_path(self.s, version, method, iid)
         title = f"{iid}  {method} {score:.3f} >= tau {tau:.3f}" if score is not None else iid
         try:
-            return str(save_overlay(it.x, cam, path, title=title))
+            return str(save_overlay(image, cam, path, title=title))
         except Exception as exc:  # a full disk must not cost the audit row
             log.warning("%s: could not save overlay %s: %s", iid, path, exc)
             return None

@@ -1,7 +1,7 @@
 """Database retries for the worker (tenacity), and the fault classification they rest on.
 
 A transaction that fails with a *transient* database fault (lost connection, server down,
-lock timeout) is run again with exponential backoff and full jitter, ``Settings.task_max_retries``
+lock timeout) is run again with exponential backoff and jitter, ``Settings.task_max_retries``
 times at most, each wait capped at ``Settings.retry_backoff_max_s``; then
 :class:`DatabaseUnavailable` says what was being done and why it failed. Anything else (a
 constraint violation, a bug) is raised at once, unchanged.

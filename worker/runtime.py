@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from worker.engine.calibration import Calibration
     from worker.engine.options import EngineConfig
     from worker.engine.score import ReliabilityEngine
+    from worker.measure import AuditSuite
     from worker.model.checkpoint import ProductionModel
 
 log = logging.getLogger("inspection_audit.worker")
@@ -90,6 +91,8 @@ class ModelSummary:
     calibration: Path | None
     tau: float | None
     decision_method: str
+    #: the decision method needs the adversarial pass and the engine runs none
+    blind: bool = False
 
     def describe(self) -> str:
         h, w = self.input_size
@@ -97,6 +100,12 @@ class ModelSummary:
             f"model {self.checkpoint} ({self.arch}, {h}x{w}, {self.in_channels} ch, "
             f"model_version {self.model_version})"
         )
+        if self.blind:
+            head += (
+                f"; WARNING: decision method {self.decision_method} needs the adversarial pass "
+                "but attack is none, so its score is NULL and no image is flagged (set attack "
+                "fgsm or pgd, or choose another decision method)"
+            )
         if self.calibration is None:
             return (
                 f"{head}; no calibration sidecar ({self.checkpoint.name}.calibration.json): "
@@ -123,14 +132,17 @@ def _checkpoint_path(settings: Settings) -> Path:
     return Path(settings.model).expanduser().resolve()
 
 
-def _load(settings: Settings, device: str) -> tuple[ProductionModel, Calibration | None, Any]:
-    """Checkpoint, sidecar and engine for ``settings`` on ``device``.
+def _load(
+    settings: Settings, device: str
+) -> tuple[ProductionModel, Calibration | None, AuditSuite]:
+    """Checkpoint, sidecar, engine and second opinions for ``settings`` on ``device``.
 
     Raises:
         RuntimeConfigError: see :func:`validate`.
     """
     from worker.engine.calibration import CalibrationError, load_calibration, sidecar_path
     from worker.engine.score import ReliabilityEngine
+    from worker.measure import load_suite
     from worker.model.checkpoint import CheckpointError, load_checkpoint
 
     path = _checkpoint_path(settings)
@@ -152,7 +164,19 @@ def _load(settings: Settings, device: str) -> tuple[ProductionModel, Calibration
         )
     except (TypeError, ValueError) as exc:
         raise RuntimeConfigError(f"{where}: bad engine options: {exc}") from exc
-    return pm, cal, engine
+    try:
+        suite = load_suite(
+            pm,
+            engine,
+            auditor_models=settings.auditor_models,
+            snapshot_models=settings.snapshot_models,
+            views=settings.views,
+            anomaly_banks=settings.anomaly_banks,
+            device=device,
+        )
+    except (CheckpointError, ValueError, RuntimeError) as exc:
+        raise RuntimeConfigError(f"second opinions: {exc}") from exc
+    return pm, cal, suite
 
 
 def validate(settings: Settings) -> ModelSummary:
@@ -167,10 +191,16 @@ def validate(settings: Settings) -> ModelSummary:
             line that names the file and the reason.
     """
     from worker.engine.calibration import sidecar_path
+    from worker.engine.methods import REGISTRY
 
-    pm, cal, _engine = _load(settings, "cpu")
+    pm, cal, suite = _load(settings, "cpu")
     path = _checkpoint_path(settings)
+    blind = (
+        REGISTRY.get(settings.decision_method).needs_adversarial
+        and suite.engine.config.attack == "none"
+    )
     return ModelSummary(
+        blind=blind,
         checkpoint=path,
         model_version=pm.model_version,
         arch=pm.arch,
@@ -196,11 +226,15 @@ class Runtime:
 
     settings: Settings
     pm: ProductionModel
-    engine: ReliabilityEngine
+    suite: AuditSuite
     calibration: Calibration | None
     device: str
     load_seconds: float
     params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def engine(self) -> ReliabilityEngine:
+        return self.suite.engine
 
     @property
     def model_version(self) -> str:
@@ -241,10 +275,12 @@ def load_runtime(settings: Settings) -> Runtime:
 
     t0 = time.perf_counter()
     device = resolve_device(settings.device)
-    pm, cal, engine = _load(settings, device)
+    pm, cal, suite = _load(settings, device)
+    engine = suite.engine
     path = _checkpoint_path(settings)
     params = {
         **engine.config.to_dict(),
+        **({"second_opinions": suite.describe()} if suite.describe() else {}),
         "decision_method": settings.decision_method,
         "target_layer": engine.target_layer_name,
         "device": device,
@@ -252,7 +288,7 @@ def load_runtime(settings: Settings) -> Runtime:
         "calibration_split": None if cal is None else cal.split,
         "target_recall": None if cal is None else cal.target_recall,
     }
-    rt = Runtime(settings, pm, engine, cal, device, time.perf_counter() - t0, params)
+    rt = Runtime(settings, pm, suite, cal, device, time.perf_counter() - t0, params)
     log.info(
         "loaded model_version %s on %s in %.2f s (pid %d, %d torch threads)",
         pm.model_version,

@@ -61,6 +61,9 @@ class ProductionModel:
     model_version: str
     path: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: how an image is fitted to ``input_size``: ``squash`` or ``pad`` (see
+    #: :data:`worker.model.preprocess.RESIZE_MODES`)
+    resize: str = "squash"
 
     @property
     def defect_index(self) -> int:
@@ -309,7 +312,11 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Pro
         raise fail(f"target_layer {target_layer!r} is not a module of the model") from exc
     model = NormalizedModel(backbone, mean, std).eval().to(device)
     extra = {k: v for k, v in ckpt.items() if k not in REQUIRED_KEYS and k != "state_dict"}
+    resize = str(ckpt.get("resize") or "squash")
+    if resize not in ("squash", "pad"):
+        raise fail(f"resize must be 'squash' or 'pad', got {resize!r}")
     return ProductionModel(
+        resize=resize,
         model=model,
         arch=str(ckpt["arch"]),
         num_classes=num_classes,

@@ -28,8 +28,12 @@ __all__ = [
     "DEFAULT_LIMITS",
     "ImageError",
     "ImageLimits",
+    "RESIZE_MODES",
     "decode_image",
+    "fit_box",
+    "fit_to_input",
     "image_to_array",
+    "load_image",
     "preprocess",
     "read_image_bytes",
     "resize_tensor",
@@ -84,16 +88,21 @@ def resize_tensor(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return y.clamp_(0.0, 1.0)
 
 
-def preprocess(
+#: How an image is fitted to a model's input size: ``squash`` resizes to it ignoring the aspect
+#: ratio (the first checkpoints); ``pad`` keeps the aspect ratio and pads with the border
+#: pixels (letterbox). A checkpoint records its mode (``resize``; absent = ``squash``).
+RESIZE_MODES = ("squash", "pad")
+
+
+def load_image(
     image: bytes | Path | str | np.ndarray | Image.Image,
-    input_size: tuple[int, int],
     in_channels: int,
     limits: ImageLimits = DEFAULT_LIMITS,
 ) -> torch.Tensor:
-    """Turn an image into the model's input: ``float32[C, H, W]`` in [0, 1].
+    """Decode an image at its own size: ``float32[C, h, w]`` in [0, 1] (``C = in_channels``).
 
     ``image`` may be encoded bytes, a file path, a PIL image, or an array (``uint8`` or
-    ``uint16`` ``[h, w]``/``[h, w, 3|4]``, or float in [0, 1]).
+    ``uint16`` ``[h, w]``/``[h, w, 3|4]``, or float in [0, 1]). EXIF orientation is applied.
 
     Raises:
         ImageError: unreadable, undecodable or out-of-limits image (see :func:`decode_image`).
@@ -104,8 +113,68 @@ def preprocess(
         image = decode_image(read_image_bytes(Path(image), limits), limits)
     elif isinstance(image, (bytes, bytearray, memoryview)):
         image = decode_image(bytes(image), limits)
-    arr = image_to_array(image, in_channels)
-    return resize_tensor(torch.from_numpy(arr), input_size)
+    return torch.from_numpy(image_to_array(image, in_channels))
+
+
+def fit_box(
+    shape: tuple[int, int], size: tuple[int, int], resize: str
+) -> tuple[int, int, int, int]:
+    """Where an ``(h, w)`` image lands in a model input of ``size`` = ``(H, W)``: the box
+    ``(top, left, height, width)`` in input pixels (the whole input for ``squash``; the
+    centred, aspect-preserving box for ``pad``, halves rounded up as
+    :func:`worker.engine.anomaly.letterbox` does).
+
+    Raises:
+        ValueError: unknown ``resize`` mode.
+    """
+    if resize == "squash":
+        return 0, 0, int(size[0]), int(size[1])
+    if resize != "pad":
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+    h, w = shape
+    th, tw = int(size[0]), int(size[1])
+    scale = min(th / h, tw / w)
+    nh = min(th, max(1, int(h * scale + 0.5)))
+    nw = min(tw, max(1, int(w * scale + 0.5)))
+    return (th - nh) // 2, (tw - nw) // 2, nh, nw
+
+
+def fit_to_input(x: torch.Tensor, size: tuple[int, int], resize: str = "squash") -> torch.Tensor:
+    """Fit a decoded ``float32[C, h, w]`` image to a model input ``float32[C, H, W]`` in [0, 1].
+
+    ``squash``: bilinear, antialiased resize to ``size``. ``pad``: aspect-preserving resize
+    into ``size``, centred, the rest filled by repeating the border pixels (no artificial dark
+    edge for a model to take for a defect).
+
+    Raises:
+        ValueError: unknown ``resize`` mode.
+    """
+    if resize == "squash":
+        return resize_tensor(x, size)
+    if resize != "pad":
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+    from worker.engine.anomaly import letterbox
+
+    out, _valid = letterbox(x[None], (int(size[0]), int(size[1])), pad="edge")
+    return out[0].clamp_(0.0, 1.0)
+
+
+def preprocess(
+    image: bytes | Path | str | np.ndarray | Image.Image,
+    input_size: tuple[int, int],
+    in_channels: int,
+    limits: ImageLimits = DEFAULT_LIMITS,
+    resize: str = "squash",
+) -> torch.Tensor:
+    """Turn an image into the model's input: ``float32[C, H, W]`` in [0, 1].
+
+    :func:`load_image` then :func:`fit_to_input` (``resize``: ``squash`` or ``pad``).
+
+    Raises:
+        ImageError: unreadable, undecodable or out-of-limits image (see :func:`decode_image`).
+        ValueError: unknown ``resize`` mode.
+    """
+    return fit_to_input(load_image(image, in_channels, limits), input_size, resize)
 
 
 def _array_to_pil(a: np.ndarray) -> Image.Image:
