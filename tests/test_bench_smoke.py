@@ -1,4 +1,4 @@
-"""Smoke tests of ``bench/throughput.py``: structure and equal work, never timing.
+"""Smoke tests of the ``bench.throughput`` package: structure and equal work, never timing.
 
 The benchmark functions for (a)-(d) run in ``--quick`` mode on tiny synthetic images (no
 dataset, no servers). The engine's maps from (b) must equal pytorch_grad_cam's maps from (d) on

@@ -1,0 +1,137 @@
+"""What to measure and with how many threads: :class:`BenchConfig`, the kinds (a)-(d), paths.
+
+Nothing here imports more than torch; every other module of the benchmark builds on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from inspection_audit.procs import THREAD_VARS
+
+#: The repository root (``bench/throughput/config.py`` → three levels up).
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_DATASET = REPO.parent / "shared" / "datasets" / "magnetic-tile"
+DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
+
+#: The in-process workloads, in the order they are run and reported.
+KINDS = ("a", "b", "c", "d")
+KIND_LABELS = {
+    "a": "(a) inference",
+    "b": "(b) audit, no attack",
+    "c": "(c) audit + FGSM",
+    "d": "(d) pytorch_grad_cam, 3 maps",
+}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """How much to measure. :meth:`full` is the real run, :meth:`quick_preset` a smoke test.
+
+    Attributes:
+        quick: a smoke run (the report says its numbers are not a measurement).
+        sizes: batch sizes B for (a)-(d).
+        e2e_sizes: batch sizes for (e) (``INSPECTION_AUDIT_BATCH_SIZE``).
+        e2e_workers: worker process counts for (e).
+        image_size: input side in pixels (a checkpoint's own size wins).
+        warmup_images: untimed images before the first timed repetition of (a)-(d): at least
+            ``ceil(warmup_images / B)`` calls (see :func:`bench.throughput.workloads.time_batches`).
+        reps: timed repetitions; the median images/s is reported.
+        min_images: images per repetition, at least: ``ceil(min_images / B)`` calls of B images.
+        n_pool: distinct images the batches cycle through.
+        e2e_images: images per end-to-end repetition.
+        e2e_reps: end-to-end repetitions.
+        seed: seeds the model weights, the image order and torch's RNG before each workload.
+    """
+
+    quick: bool = False
+    sizes: tuple[int, ...] = (1, 8, 32)
+    e2e_sizes: tuple[int, ...] = (8, 32)
+    e2e_workers: tuple[int, ...] = (1, 2)
+    image_size: int = 224
+    warmup_images: int = 8
+    reps: int = 5
+    min_images: int = 32
+    n_pool: int = 64
+    e2e_images: int = 256
+    e2e_reps: int = 3
+    seed: int = 0
+
+    @classmethod
+    def full(cls) -> BenchConfig:
+        """The full run (the defaults above)."""
+        return cls()
+
+    @classmethod
+    def quick_preset(cls) -> BenchConfig:
+        """The ``--quick`` smoke run: 64 px, B = 1 and 4, a few images, 2 repetitions."""
+        return cls(
+            quick=True,
+            sizes=(1, 4),
+            e2e_sizes=(4,),
+            image_size=64,
+            warmup_images=1,
+            reps=2,
+            min_images=4,
+            n_pool=8,
+            e2e_images=16,
+            e2e_reps=1,
+        )
+
+
+def batch_iters(b: int, images: int) -> int:
+    """Calls needed to cover ``images`` images at batch size ``b`` (at least 1)."""
+    return max(1, math.ceil(images / b))
+
+
+# --- threads -------------------------------------------------------------------------------------
+def all_cores() -> int:
+    """CPU cores this process may run on (its affinity mask), at least 1."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def pin_env_threads(n: int = 1) -> None:
+    """Set the OMP/OPENBLAS/MKL thread variables to ``n`` (inherited by subprocesses)."""
+    for var in THREAD_VARS:
+        os.environ[var] = str(n)
+
+
+@contextlib.contextmanager
+def threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` torch intra-op, BLAS/OpenMP (threadpoolctl) and OpenCV threads.
+
+    numpy's OpenBLAS (pytorch_grad_cam's SVD) and cv2 (its resizing) have their own pools; all
+    are limited, and restored afterwards.
+    """
+    before = torch.get_num_threads()
+    cv2_mod: Any = None
+    cv2_before = None
+    with contextlib.suppress(Exception):
+        import cv2
+
+        cv2_mod = cv2
+        cv2_before = cv2.getNumThreads()
+        cv2.setNumThreads(n)
+    torch.set_num_threads(n)
+    try:
+        with contextlib.ExitStack() as stack:
+            with contextlib.suppress(ImportError):
+                from threadpoolctl import threadpool_limits
+
+                stack.enter_context(threadpool_limits(limits=n))
+            yield
+    finally:
+        torch.set_num_threads(before)
+        if cv2_mod is not None and cv2_before is not None:
+            cv2_mod.setNumThreads(cv2_before)
