@@ -14,7 +14,8 @@ second opinions a site turns on:
   A second group, ``snapshot`` (checkpoints of the production model's own training run), gives
   ``snapshot_mean`` and ``snapshot_ensemble_mean``;
 * **test-time views** (``Settings.views``): the production model on exact transformed views
-  (:mod:`worker.engine.views`): ``views_mean``, ``views_max``, ``views_disagreement``;
+  (:mod:`worker.engine.views`): ``views_mean``, ``views_max``, ``views_disagreement``; with
+  auditors, also ``auditor_views_mean`` (their P(defect) averaged over the views);
 * **ok-only anomaly banks** (``Settings.anomaly_banks``): PatchCore nearest-neighbour distance
   of the image's patches to a bank of ``ok`` training patches (:mod:`worker.engine.anomaly`),
   on frozen ImageNet features (EfficientNet-Lite0) or on the production model's own:
@@ -97,6 +98,10 @@ class AuditSuite:
     banks: list[BankScorer] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self._bank_modes = {
+            f"anomaly_{b.name}": "squash" if b.bank.resize_mode == "squash" else "pad"
+            for b in self.banks
+        }
         for group, models in self.groups.items():
             if group not in GROUPS:
                 raise SuiteError(f"unknown auditor group {group!r}; use one of {GROUPS}")
@@ -165,6 +170,8 @@ class AuditSuite:
                 self._auditors(group, models, images, p_prod, rows)
         if self.views:
             self._views(x, rows)
+            if self.groups.get("auditor"):
+                self._auditor_views(self.groups["auditor"], images, rows)
         anomaly_maps: dict[str, Tensor] = {}
         for scorer in self.banks:
             anomaly_maps[f"anomaly_{scorer.name}"] = self._anomaly(scorer, images, rows)
@@ -200,6 +207,28 @@ class AuditSuite:
                 r[f"{group}_ensemble_mean"] = float(ens[i])
 
     @torch.no_grad()
+    def _auditor_views(
+        self, models: list[ProductionModel], images: Sequence[Tensor], rows: list[dict[str, Any]]
+    ) -> None:
+        """``auditor_views_mean``: the auditors' P(defect) averaged over the views (useful for
+        auditors trained with flip augmentation; the views must keep each auditor's input
+        shape)."""
+        from worker.engine.views import views_p_defect
+
+        per_model = []
+        for a in models:
+            xa = torch.stack([fit_to_input(im, a.input_size, a.resize) for im in images])
+            xa = xa.to(next(a.model.parameters()).device)
+
+            def predict(v: Tensor, model: ProductionModel = a) -> Tensor:
+                return p_defect_from_logits(model.model(v).float(), model.defect_index)
+
+            per_model.append(views_p_defect(predict, xa, self.views).mean(0).cpu())
+        mean = torch.stack(per_model).mean(0)
+        for i, r in enumerate(rows):
+            r["auditor_views_mean"] = float(mean[i])
+
+    @torch.no_grad()
     def _views(self, x: Tensor, rows: list[dict[str, Any]]) -> None:
         from worker.engine.views import view_summary, views_p_defect
 
@@ -212,33 +241,13 @@ class AuditSuite:
             r["views_max"] = float(summary["max"][i])
             r["views_disagreement"] = float(summary["disagreement"][i])
 
-    @torch.no_grad()
     def _anomaly(
         self, scorer: BankScorer, images: Sequence[Tensor], rows: list[dict[str, Any]]
     ) -> Tensor:
-        from worker.engine.anomaly import anomaly_scores, extract_patch_features, letterbox
-
-        bank = scorer.bank
-        device = next(scorer.feature_model.parameters()).device
-        size = bank.input_size
-        xs, valid = [], []
-        for im in images:
-            xb, vb = letterbox(im[None], size, pad="edge")
-            xs.append(xb[0])
-            valid.append(vb[0])
-        xb_all = torch.stack(xs).to(device)
-        feats = extract_patch_features(
-            scorer.feature_model,
-            list(bank.layers),
-            xb_all,
-            mean=bank.mean,
-            std=bank.std,
-            projection=None if bank.projection is None else bank.projection.to(device),
-        )
-        out = anomaly_scores(feats, scorer.index, size, valid=torch.stack(valid).to(device))
+        scores, maps = anomaly_batch(scorer, images)
         for i, r in enumerate(rows):
-            r[f"anomaly_{scorer.name}"] = float(out.scores[i])
-        return out.maps.detach().float().cpu()  # [B, Hb, Wb] letterboxed frame
+            r[f"anomaly_{scorer.name}"] = float(scores[i])
+        return maps
 
     def _maps(
         self, images: Sequence[Tensor], scores: Any, anomaly: dict[str, Tensor]
@@ -257,11 +266,52 @@ class AuditSuite:
                 box = fit_box(shape, self.pm.input_size, self.pm.resize)
                 maps[name] = _crop_resize(cam[i].detach().float().cpu(), box, target)
             for name, amap in anomaly.items():
-                bank_size = tuple(int(v) for v in amap.shape[-2:])
-                box = fit_box(shape, (bank_size[0], bank_size[1]), "pad")
+                bank_size = (int(amap.shape[-2]), int(amap.shape[-1]))
+                mode = self._bank_modes.get(name, "pad")
+                box = fit_box(shape, bank_size, mode)
                 maps[name] = _crop_resize(amap[i], box, target)
             out.append(maps)
         return out
+
+
+@torch.no_grad()
+def anomaly_batch(scorer: BankScorer, images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """PatchCore image scores ``float32[B]`` and maps ``float32[B, H_b, W_b]`` (the bank's input
+    frame; feature-distance units) of decoded images against ``scorer``'s bank."""
+    from worker.engine.anomaly import anomaly_scores, extract_patch_features
+
+    bank = scorer.bank
+    device = next(scorer.feature_model.parameters()).device
+    pairs = [bank_input(im, bank) for im in images]
+    x = torch.stack([p[0] for p in pairs]).to(device)
+    feats = extract_patch_features(
+        scorer.feature_model,
+        list(bank.layers),
+        x,
+        mean=bank.mean,
+        std=bank.std,
+        projection=None if bank.projection is None else bank.projection.to(device),
+    )
+    valid = torch.stack([p[1] for p in pairs]).to(device)
+    out = anomaly_scores(feats, scorer.index, bank.input_size, valid=valid)
+    return out.scores.detach().float().cpu(), out.maps.detach().float().cpu()
+
+
+def bank_input(image: Tensor, bank: Any) -> tuple[Tensor, Tensor]:
+    """A decoded ``float32[C, h, w]`` image fitted to a bank's input: ``(x float32[C, H, W],
+    valid bool[H, W])``. ``squash`` banks resize (all pixels valid); the others letterbox with
+    the border pixels (``letterbox-edge``) or black (``letterbox-zeros``)."""
+    from worker.engine.anomaly import letterbox
+    from worker.model.preprocess import resize_tensor
+
+    size = (int(bank.input_size[0]), int(bank.input_size[1]))
+    if bank.resize_mode == "squash":
+        x = resize_tensor(image, size)
+        return x, torch.ones(size, dtype=torch.bool)
+    xb, vb = letterbox(
+        image[None], size, pad="zeros" if bank.resize_mode.endswith("zeros") else "edge"
+    )
+    return xb[0], vb[0]
 
 
 def _map_size(shape: tuple[int, int]) -> tuple[int, int]:

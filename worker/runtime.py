@@ -176,6 +176,15 @@ def _load(
         )
     except (CheckpointError, ValueError, RuntimeError) as exc:
         raise RuntimeConfigError(f"second opinions: {exc}") from exc
+    if cal is not None and cal.second_opinions != suite.describe():
+        from worker.engine.methods import REGISTRY
+
+        if REGISTRY.get(settings.decision_method).family in ("second_opinion", "rule"):
+            raise RuntimeConfigError(
+                f"calibration {sidecar_path(path)} was made with second opinions "
+                f"{cal.second_opinions or 'none'}, the settings give {suite.describe() or 'none'}: "
+                f"τ of {settings.decision_method} is not valid for them (calibrate again)"
+            )
     return pm, cal, suite
 
 

@@ -3,7 +3,7 @@
 =============  ==========================================================================
 module         commands
 =============  ==========================================================================
-``lab``        ``train``, ``calibrate``, ``evaluate``, ``sweep`` (the offline lab)
+``lab``        ``train``, ``calibrate``, ``evaluate``, ``sweep``, ``fit-bank`` (the offline lab)
 ``db``         ``db upgrade | downgrade | current`` (migrations, as their own step)
 ``review``     ``review``, ``review verdict``
 ``enqueue``    ``enqueue`` (the producer, from a shell)
@@ -29,6 +29,7 @@ COMMANDS: tuple[click.Command, ...] = (
     lab.calibrate,
     lab.evaluate,
     lab.sweep,
+    lab.fit_bank,
     db.db_group,
     review.review,
     enqueue.enqueue,

@@ -62,6 +62,100 @@ class MethodName(click.ParamType):
         return str(value)
 
 
+def _csv(text: str | None) -> tuple[str, ...]:
+    return tuple(v.strip() for v in (text or "").split(",") if v.strip())
+
+
+def second_opinion_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Options naming the second opinions to measure (each defaults to the settings)."""
+    opts = [
+        click.option(
+            "--auditor",
+            "auditors",
+            multiple=True,
+            type=click.Path(path_type=Path, exists=True, dir_okay=False),
+            help="An auditor checkpoint (repeat; default: INSPECTION_AUDIT_AUDITOR_MODELS).",
+        ),
+        click.option(
+            "--snapshot",
+            "snapshots",
+            multiple=True,
+            type=click.Path(path_type=Path, exists=True, dir_okay=False),
+            help="A snapshot checkpoint (repeat; default: INSPECTION_AUDIT_SNAPSHOT_MODELS).",
+        ),
+        click.option(
+            "--views",
+            default=None,
+            help="Test-time views, comma-separated (default: INSPECTION_AUDIT_VIEWS).",
+        ),
+        click.option(
+            "--bank",
+            "banks",
+            multiple=True,
+            help="A bank file from fit-bank (repeat; default: INSPECTION_AUDIT_ANOMALY_BANKS); "
+            "with --folds: a bank kind fitted per fold, imagenet or own.",
+        ),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _plan(kw: dict[str, Any], *, folds: bool = False) -> Any:
+    """The :class:`~inspection_audit.lab.protocol.SecondOpinionPlan` of the options (falling
+    back to the settings for what is not given, outside fold mode)."""
+    from inspection_audit.lab.protocol import SecondOpinionPlan
+    from inspection_audit.lab.training import Recipe
+
+    recipes: list[Recipe] = []
+    for spec in kw.get("auditor_recipes") or ():
+        recipes.append(_parse_recipe(spec))
+    snaps = _csv(kw.get("snapshot_epochs"))
+    if folds:
+        return SecondOpinionPlan(
+            auditor_recipes=tuple(recipes),
+            snapshot_epochs=tuple(int(e) for e in snaps),
+            views=_csv(kw.get("views")),
+            banks=tuple(kw.get("banks") or ()),
+        )
+    from inspection_audit.settings import get_settings
+
+    s = get_settings()
+    return SecondOpinionPlan(
+        auditors=tuple(kw.get("auditors") or s.auditor_models),
+        snapshots=tuple(kw.get("snapshots") or s.snapshot_models),
+        views=_csv(kw.get("views")) if kw.get("views") is not None else tuple(s.views),
+        banks=tuple(kw.get("banks") or (str(b) for b in s.anomaly_banks)),
+    )
+
+
+def _parse_recipe(spec: str) -> Any:
+    """``arch=resnet18,image_size=160,seed=1000,augment=flips`` → a Recipe (other fields:
+    defaults)."""
+    from dataclasses import fields
+
+    from inspection_audit.lab.training import Recipe, parse_image_size
+
+    known = {f.name: f for f in fields(Recipe)}
+    values: dict[str, Any] = {}
+    for part in _csv(spec):
+        key, _, raw = part.partition("=")
+        key = key.strip()
+        if key not in known:
+            raise click.BadParameter(f"unknown recipe field {key!r} in {spec!r}")
+        if key == "image_size":
+            values[key] = parse_image_size(raw)
+        elif isinstance(getattr(Recipe(), key), bool):
+            values[key] = raw.strip().lower() in ("1", "true", "yes")
+        elif isinstance(getattr(Recipe(), key), int):
+            values[key] = int(raw)
+        elif isinstance(getattr(Recipe(), key), float):
+            values[key] = float(raw)
+        else:
+            values[key] = raw.strip()
+    return Recipe(**values)
+
+
 def _threads(n: int) -> None:
     import torch
 
@@ -71,7 +165,20 @@ def _threads(n: int) -> None:
 def _recipe_options(f: Callable[..., Any]) -> Callable[..., Any]:
     opts = [
         click.option("--arch", default="resnet18", show_default=True),
-        click.option("--image-size", default=160, show_default=True, type=int),
+        click.option(
+            "--image-size",
+            default="160",
+            show_default=True,
+            help="Input side N, or HxW for a non-square part (e.g. 512x192).",
+        ),
+        click.option(
+            "--resize",
+            default="squash",
+            show_default=True,
+            type=click.Choice(["squash", "pad"]),
+            help="squash: resize ignoring the aspect ratio; pad: keep it and pad with the "
+            "border pixels (recorded in the checkpoint).",
+        ),
         click.option("--epochs", default=30, show_default=True, type=int),
         click.option("--batch-size", default=32, show_default=True, type=int),
         click.option("--lr", default=2e-3, show_default=True, type=float),
@@ -83,7 +190,8 @@ def _recipe_options(f: Callable[..., Any]) -> Callable[..., Any]:
             "--augment",
             default="none",
             show_default=True,
-            type=click.Choice(["basic", "affine", "none"]),
+            type=click.Choice(["flips", "basic", "affine", "none"]),
+            help="flips: h/v flips only (the views a flips-trained model is invariant to).",
         ),
         click.option(
             "--in-channels", default="1", show_default=True, type=click.Choice(["1", "3"])
@@ -102,11 +210,16 @@ def _recipe_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _recipe(kw: dict[str, Any]) -> Any:
-    from inspection_audit.lab.training import Recipe
+    from inspection_audit.lab.training import Recipe, parse_image_size
 
+    try:
+        size = parse_image_size(kw["image_size"])
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--image-size") from None
     return Recipe(
         arch=kw["arch"],
-        image_size=kw["image_size"],
+        image_size=size,
+        resize=kw["resize"],
         in_channels=int(kw["in_channels"]),
         num_classes=2 if kw["head"] == "softmax" else 1,
         epochs=kw["epochs"],
@@ -157,6 +270,7 @@ def train(manifest: Path, out: Path, snapshot_epochs: str, threads: int, **kw: A
 )
 @click.option("--target-recall", default=1.0, show_default=True, type=float)
 @engine_options
+@second_opinion_options
 @click.option("--threads", default=0, type=int)
 def calibrate(
     manifest: Path, model: Path, split: str, target_recall: float, threads: int, **kw: Any
@@ -172,17 +286,32 @@ def calibrate(
         split=split,
         target_recall=target_recall,
         config=_config(kw),
+        plan=_plan(kw),
     )
     click.echo(
         f"wrote {sidecar_path(model)} (model_version {cal.model_version}, split {split}, "
         f"target FN recall {target_recall})"
     )
+    print_promises(cal, split)
+
+
+def print_promises(cal: Any, split: str) -> None:
+    """One line per method: τ, the misses it was set on, the recall it can honestly promise
+    (one-sided 95 % Clopper–Pearson lower bound) and the TN flag rate it costs; then the
+    warnings."""
+    click.echo(
+        f"  {'method':24s} {'τ':>9s}  {'misses':>6s}  {'promise (95 %)':>14s}  TN flagged on {split}"
+    )
+    warned = False
     for m, v in cal.methods.items():
         rate = "–" if v.get("tn_flag_rate") is None else f"{100 * v['tn_flag_rate']:.1f} %"
-        click.echo(
-            f"  {m:12s} τ = {v['tau']:.4f}   positives {v['n_positives']:3d} ({v['positives']})   "
-            f"TN flagged on {split}: {rate}"
-        )
+        bound = v.get("recall_lower_bound")
+        promise = "–" if bound is None else f"≥ {100 * bound:.1f} %"
+        click.echo(f"  {m:24s} {v['tau']:9.4f}  {v['n_positives']:6d}  {promise:>14s}  {rate}")
+        warned = warned or not v.get("certified", True)
+    if warned:
+        first = next(v["warning"] for v in cal.methods.values() if v.get("warning"))
+        click.echo(f"WARNING: the target recall cannot be certified with so few misses: {first}")
 
 
 @click.command()
@@ -204,8 +333,17 @@ def calibrate(
 @click.option(
     "--snapshot-epochs",
     default="",
-    help="With --folds: also keep each fold model's checkpoints after these epochs, e.g. 6,9,12.",
+    help="With --folds: keep each fold model's checkpoints after these epochs (e.g. 6,9,12) "
+    "and measure them as a snapshot ensemble.",
 )
+@click.option(
+    "--auditor-recipe",
+    "auditor_recipes",
+    multiple=True,
+    help="With --folds: train an auditor per fold with this recipe (repeat), e.g. "
+    "arch=resnet18,image_size=160,seed=1000,augment=flips.",
+)
+@second_opinion_options
 @click.option(
     "--decision-method",
     default="iou_gap_adv",
@@ -254,7 +392,7 @@ def evaluate(
         command=command,
         seed=kw["seed"],
         folds_dir=folds_dir,
-        snapshot_epochs=tuple(int(e) for e in snapshot_epochs.split(",") if e.strip()),
+        plan=_plan({**kw, "snapshot_epochs": snapshot_epochs}, folds=folds >= 2),
     )
     c = metrics["counts"]
     click.echo(
@@ -294,3 +432,68 @@ def sweep(manifest: Path, model: Path, split: str, out: Path, threads: int) -> N
             f"{r['variant']:70s} AUROC {r['auroc']:.3f}  TN@100% {100 * r['tn_flag_rate_at_full_recall']:.1f} %"
         )
     click.echo(f"wrote {out}")
+
+
+@click.command("fit-bank")
+@MANIFEST
+@click.option(
+    "--model",
+    type=click.Path(path_type=Path, exists=True),
+    required=True,
+    help="The production checkpoint (an 'own' bank is tied to its model_version).",
+)
+@click.option(
+    "--kind", type=click.Choice(["imagenet", "own"]), default="imagenet", show_default=True
+)
+@click.option(
+    "--out", type=click.Path(path_type=Path), default=None, help="Default: next to the model."
+)
+@click.option(
+    "--layers",
+    default=None,
+    help="Comma-separated layer names (finest first); default: chosen on the val split.",
+)
+@click.option("--coreset", default=4000, show_default=True, type=click.IntRange(min=1))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--threads", default=0, type=int)
+def fit_bank(
+    manifest: Path,
+    model: Path,
+    kind: str,
+    out: Path | None,
+    layers: str | None,
+    coreset: int,
+    seed: int,
+    threads: int,
+) -> None:
+    """Build a PatchCore bank from the `train` split's ok images (layers chosen on `val`)."""
+    import json
+
+    from inspection_audit.lab.banks import build_bank, choose_layers
+    from inspection_audit.lab.dataset import read_manifest
+    from worker.model.checkpoint import load_checkpoint
+    from worker.model.preprocess import load_image
+
+    _threads(threads)
+    pm = load_checkpoint(model)
+    train_records = read_manifest(manifest, "train")
+    if layers:
+        ok = [load_image(r.path, pm.in_channels) for r in train_records if r.label == "ok"]
+        bank = build_bank(kind, pm, ok, _csv(layers), coreset_size=coreset, seed=seed)
+        chosen, candidates = _csv(layers), {}
+    else:
+        fit = choose_layers(
+            kind, pm, train_records, read_manifest(manifest, "val"), coreset_size=coreset, seed=seed
+        )
+        bank, chosen, candidates = fit.bank, fit.layers, fit.candidates
+    out = out or model.with_name(f"{model.name}.bank-{kind}.pt")
+    bank.save(out)
+    out.with_suffix(".json").write_text(
+        json.dumps({"layers": list(chosen), "val_auroc": candidates}, indent=2)
+    )
+    click.echo(
+        f"wrote {out} ({kind}, {len(bank)} patches of {bank.n_patches} from {bank.n_images} ok "
+        f"images, layers {', '.join(chosen)}, model_version {bank.model_version})"
+    )
+    for name, auc in candidates.items():
+        click.echo(f"  val AUROC (defects vs ok) {name}: {'–' if auc is None else f'{auc:.3f}'}")

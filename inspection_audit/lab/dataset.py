@@ -33,6 +33,7 @@ class Record:
     defect_type: str
     split: str
     rel_path: str
+    mask_path: Path | None = None
 
     @property
     def y(self) -> int:
@@ -71,8 +72,16 @@ def read_manifest(manifest: str | Path, split: str | None = None) -> list[Record
             p = root / row["path"].strip()
             if not p.is_file():
                 raise ManifestError(f"{manifest}:{i}: image not found: {p}")
+            mask = (row.get("mask_path") or "").strip()
             out.append(
-                Record(p, label, (row.get("defect_type") or "").strip(), sp, row["path"].strip())
+                Record(
+                    p,
+                    label,
+                    (row.get("defect_type") or "").strip(),
+                    sp,
+                    row["path"].strip(),
+                    root / mask if mask else None,
+                )
             )
     if not out:
         raise ManifestError(f"{manifest}: no rows" + (f" in split {split!r}" if split else ""))
@@ -85,15 +94,20 @@ def load_tensors(
     in_channels: int,
     description: str = "loading images",
     show_progress: bool = True,
+    resize: str = "squash",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode and preprocess every record once.
+    """Decode and preprocess every record once (``resize``: ``squash`` or ``pad``, see
+    :func:`worker.model.preprocess.fit_to_input`).
 
     Returns ``(x, y)``: ``float32[N, C, H, W]`` in [0, 1] and ``int64[N]`` (1 = defect).
+
+    Raises:
+        worker.model.images.ImageError: an image that cannot be decoded.
     """
     x = torch.empty((len(records), in_channels, *input_size), dtype=torch.float32)
     it = track(records, description=description) if show_progress else records
     for i, r in enumerate(it):
-        x[i] = preprocess(r.path, input_size, in_channels)
+        x[i] = preprocess(r.path, input_size, in_channels, resize=resize)
     y = torch.tensor([r.y for r in records], dtype=torch.int64)
     return x, y
 

@@ -38,7 +38,8 @@ class Recipe:
     """Everything that determines a training run (stored in the checkpoint as ``recipe``)."""
 
     arch: str = "resnet18"
-    image_size: int = 160
+    #: side of a square input, or ``(H, W)`` for a non-square one (``train --image-size 512x192``)
+    image_size: int | tuple[int, int] = 160
     in_channels: int = 1
     num_classes: int = 2
     epochs: int = 30
@@ -51,6 +52,53 @@ class Recipe:
     # none: best measured here (see the module docstring); basic: flips, transpose, jitter 0.1;
     # affine: + rotation/scale/shift by resampling.
     augment: str = "none"
+    # how images are fitted to the input: squash (ignore the aspect ratio) or pad (keep it,
+    # pad with the border pixels); recorded in the checkpoint as ``resize``
+    resize: str = "squash"
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """``(H, W)`` of the model input, pixels."""
+        if isinstance(self.image_size, int):
+            return (self.image_size, self.image_size)
+        h, w = self.image_size
+        return (int(h), int(w))
+
+    def canonical(self) -> dict[str, Any]:
+        """The recipe as a dict with ``image_size`` as ``[H, W]`` (for comparing recipes)."""
+        d = asdict(self)
+        d["image_size"] = list(self.input_size)
+        return d
+
+
+def recipe_from_dict(d: dict[str, Any]) -> Recipe:
+    """A :class:`Recipe` from a stored dict; keys added since it was written take defaults.
+
+    Raises:
+        TypeError: an unknown key.
+    """
+    d = dict(d)
+    if isinstance(d.get("image_size"), (list, tuple)):
+        d["image_size"] = tuple(int(v) for v in d["image_size"])
+    return Recipe(**d)
+
+
+def parse_image_size(text: str | int) -> int | tuple[int, int]:
+    """``"160"`` → 160; ``"512x192"`` → (512, 192) (height × width, pixels).
+
+    Raises:
+        ValueError: not ``N`` or ``HxW`` with sides ≥ 8.
+    """
+    parts = str(text).lower().replace("×", "x").split("x")
+    try:
+        sides = [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(
+            f"image size must be N or HxW (e.g. 160 or 512x192), got {text!r}"
+        ) from None
+    if len(sides) not in (1, 2) or min(sides) < 8:
+        raise ValueError(f"image size must be N or HxW with sides >= 8, got {text!r}")
+    return sides[0] if len(sides) == 1 else (sides[0], sides[1])
 
 
 @dataclass
@@ -66,6 +114,9 @@ class TrainResult:
 def augment(x: torch.Tensor, gen: torch.Generator, mode: str = "basic") -> torch.Tensor:
     """Random augmentation of ``float32[B, C, H, W]`` in [0, 1] for surface inspection.
 
+    ``flips``: horizontal and vertical flips only (exact; a surface's grinding direction stays
+    as it was, so the dihedral subgroup {identity, hflip, vflip, hvflip} is what a model
+    trained this way is invariant to: the test-time views it can use).
     ``basic``: horizontal/vertical flips, a random multiple of 90° rotation (square inputs),
     brightness/contrast jitter ±10 %. Geometry is exact (no resampling), so thin cracks and
     small blowholes stay sharp. ``affine`` adds a small random rotation (±10°), scale
@@ -74,8 +125,8 @@ def augment(x: torch.Tensor, gen: torch.Generator, mode: str = "basic") -> torch
     Raises:
         ValueError: unknown mode.
     """
-    if mode not in ("basic", "affine", "none"):
-        raise ValueError(f"unknown augmentation {mode!r}; use basic, affine or none")
+    if mode not in ("basic", "affine", "flips", "none"):
+        raise ValueError(f"unknown augmentation {mode!r}; use flips, basic, affine or none")
     if mode == "none":
         return x
     b = x.shape[0]
@@ -83,6 +134,8 @@ def augment(x: torch.Tensor, gen: torch.Generator, mode: str = "basic") -> torch
     flip_v = torch.rand(b, generator=gen) < 0.5
     x = torch.where(flip_h.view(b, 1, 1, 1), x.flip(-1), x)
     x = torch.where(flip_v.view(b, 1, 1, 1), x.flip(-2), x)
+    if mode == "flips":
+        return x
     if x.shape[-1] == x.shape[-2]:
         rot = torch.rand(b, generator=gen) < 0.5
         x = torch.where(rot.view(b, 1, 1, 1), x.transpose(-1, -2), x)
@@ -127,11 +180,13 @@ def train_model(
         raise ValueError("train and val splits must both be non-empty")
     torch.manual_seed(recipe.seed)
     gen = torch.Generator().manual_seed(recipe.seed)
-    size = (recipe.image_size, recipe.image_size)
+    size = recipe.input_size
     x_tr, y_tr = load_tensors(
-        train_records, size, recipe.in_channels, "loading train", show_progress
+        train_records, size, recipe.in_channels, "loading train", show_progress, recipe.resize
     )
-    x_va, y_va = load_tensors(val_records, size, recipe.in_channels, "loading val", show_progress)
+    x_va, y_va = load_tensors(
+        val_records, size, recipe.in_channels, "loading val", show_progress, recipe.resize
+    )
     counts = torch.bincount(y_tr, minlength=2).float()
     if (counts == 0).any():
         raise ValueError(
@@ -170,6 +225,7 @@ def train_model(
         in_channels=recipe.in_channels,
         target_layer=detect_target_layer(backbone, arch=recipe.arch),
         recipe=asdict(recipe),
+        resize=recipe.resize,
         **(extra or {}),
     )
     best: tuple[float, float] = (-1.0, -1.0)

@@ -66,6 +66,9 @@ class Calibration:
         methods: per method, ``{"tau", "n_positives", "n_true_negatives", "positives",
             "tn_flag_rate"}``.
         states: per fitted method, its fitted state (e.g. the fusion's weights).
+        second_opinions: what the audit measured besides the production model when τ was set
+            (:meth:`worker.measure.AuditSuite.describe`: auditor and snapshot model versions,
+            views, anomaly banks); τ of a second-opinion method is valid only for them.
     """
 
     model_version: str
@@ -74,6 +77,7 @@ class Calibration:
     engine: dict[str, Any]
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)
     states: dict[str, Any] = field(default_factory=dict)
+    second_opinions: dict[str, Any] = field(default_factory=dict)
 
     @property
     def fusion(self) -> Any:
@@ -124,6 +128,7 @@ class Calibration:
             "engine": dict(self.engine),
             "methods": {k: dict(v) for k, v in self.methods.items()},
             "states": states,
+            "second_opinions": dict(self.second_opinions),
         }
 
     @classmethod
@@ -152,6 +157,7 @@ class Calibration:
             engine=dict(d.get("engine", {})),
             methods={k: dict(v) for k, v in d.get("methods", {}).items()},
             states=states,
+            second_opinions=dict(d.get("second_opinions") or {}),
         )
 
     def save(self, path: str | Path) -> Path:
@@ -199,6 +205,7 @@ def calibrate(
     engine: Mapping[str, Any],
     split: str = "val",
     target_recall: float = 1.0,
+    second_opinions: Mapping[str, Any] | None = None,
 ) -> Calibration:
     """Fit every fitted method and pick ``τ`` for every registered method on labelled rows.
 
@@ -206,7 +213,7 @@ def calibrate(
         rows: measurement rows (``rows()`` of :class:`~worker.engine.score.ReliabilityScores`,
             plus any second-opinion numbers), one per image.
         labels: 1 = ``defect``, 0 = ``ok``, one per row.
-        model_version, engine, split: recorded in the result.
+        model_version, engine, split, second_opinions: recorded in the result.
         target_recall: target false-negative recall in (0, 1] (default 1.0).
 
     The population is the rows predicted ``ok`` (``p_defect < 0.5``). If it holds no false
@@ -234,7 +241,13 @@ def calibrate(
     fit_mask = pred_ok if (fn.sum() > 0 and tn.sum() > 0) else np.ones(len(rows), dtype=bool)
     fit_rows = [rows[int(i)] for i in np.flatnonzero(fit_mask)]
     fit_y = (y == 1)[fit_mask].astype(int).tolist()
-    cal = Calibration(model_version, split, float(target_recall), dict(engine))
+    cal = Calibration(
+        model_version,
+        split,
+        float(target_recall),
+        dict(engine),
+        second_opinions=dict(second_opinions or {}),
+    )
     for method in REGISTRY:
         if method.fit is not None:
             try:
@@ -248,11 +261,54 @@ def calibrate(
             continue
         tau = tau_for_recall(pos_values, target_recall)
         neg = [v for v in (scores[int(i)] for i in np.flatnonzero(tn)) if v is not None]
+        caught = sum(v >= tau for v in pos_values)
         cal.methods[method.name] = {
             "tau": tau,
             "n_positives": len(pos_values),
             "n_true_negatives": len(neg),
             "positives": positives,
             "tn_flag_rate": float(np.mean([v >= tau for v in neg])) if neg else None,
+            **recall_promise(caught, len(pos_values), target_recall),
         }
     return cal
+
+
+def recall_promise(
+    caught: int, n: int, target_recall: float, confidence: float = 0.95
+) -> dict[str, Any]:
+    """What a τ set on ``n`` calibration misses can honestly promise.
+
+    ``recall_lower_bound``: the one-sided ``confidence`` Clopper–Pearson lower bound on the
+    recall of new misses, having caught ``caught`` of ``n`` (all ``n`` caught: ``α^(1/n)``, so 8
+    of 8 promises only ≥ 68.8 %). ``certified``: the bound reaches ``target_recall``.
+    ``misses_needed``: how many misses, all caught, would certify the target (None for a target
+    of 1, which no finite sample certifies). ``warning``: a sentence when not certified.
+
+    Raises:
+        ValueError: ``n < 1`` or ``caught`` outside [0, n].
+    """
+    from worker.engine.full_recall import recall_lower_bound
+
+    bound = recall_lower_bound(caught, n, confidence)
+    alpha = 1.0 - confidence
+    needed = None if target_recall >= 1.0 else math.ceil(math.log(alpha) / math.log(target_recall))
+    certified = bound >= target_recall
+    warning = None
+    if not certified:
+        warning = (
+            f"τ catches {caught} of {n} calibration misses: at {confidence:.0%} confidence that "
+            f"promises recall ≥ {bound:.1%} on new misses, not the target {target_recall:.0%}"
+            + (
+                f"; certifying {target_recall:.0%} needs ≥ {needed} misses, all caught"
+                if needed is not None
+                else " (no finite number of misses certifies 100 %)"
+            )
+        )
+    return {
+        "n_false_negatives_caught": int(caught),
+        "recall_lower_bound": bound,
+        "confidence": confidence,
+        "certified": bool(certified),
+        "misses_needed": needed,
+        "warning": warning,
+    }

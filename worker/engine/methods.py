@@ -167,7 +167,7 @@ def _fit_fusion(rows: Sequence[Measurements], labels: Sequence[int]) -> Any:
     return Fusion.fit(rows, labels)
 
 
-def _fusion_score(m: Measurements, state: Any) -> float | None:
+def _state_score(m: Measurements, state: Any) -> float | None:
     return float(state.score(m))
 
 
@@ -179,6 +179,44 @@ def _fusion_from_dict(d: Mapping[str, Any]) -> Any:
     from worker.engine.fusion import Fusion
 
     return Fusion.from_dict(d)
+
+
+def _fit_or_rule(rows: Sequence[Measurements], labels: Sequence[int]) -> Any:
+    from worker.engine.rules import fit_or
+
+    return fit_or(rows, labels)
+
+
+def _or_rule_from_dict(d: Mapping[str, Any]) -> Any:
+    from worker.engine.rules import OrRuleState
+
+    return OrRuleState.from_dict(d)
+
+
+def _fit_percentile_rule(rows: Sequence[Measurements], labels: Sequence[int]) -> Any:
+    from worker.engine.rules import fit_percentile
+
+    return fit_percentile(rows, labels)
+
+
+def _percentile_score(m: Measurements, state: Any) -> float | None:
+    from worker.engine.rules import percentile_score
+
+    return percentile_score(state, m)
+
+
+def _percentile_from_dict(d: Mapping[str, Any]) -> Any:
+    from worker.engine.full_recall import PercentileRule
+
+    return PercentileRule.from_dict(dict(d))
+
+
+def _state_dict(state: Any) -> dict[str, Any]:
+    return dict(state.to_dict())
+
+
+def _second_opinion(name: str, label: str) -> ScoringMethod:
+    return ScoringMethod(name, measurement(name), label, family="second_opinion")
 
 
 BUILTIN_METHODS = (
@@ -221,14 +259,67 @@ BUILTIN_METHODS = (
     ),
     ScoringMethod(
         "fusion",
-        _fusion_score,
+        _state_score,
         "logistic fusion of r, r_adv, logit p_defect, logit p_defect(x') and energy, fitted on "
         "the calibration split",
-        family="rule",
-        needs_adversarial=False,
+        family="explanation",
         fit=_fit_fusion,
         state_to_dict=_fusion_to_dict,
         state_from_dict=_fusion_from_dict,
+    ),
+    # second opinions (worker/measure.py computes the measurements when a site turns them on)
+    _second_opinion("auditor_mean", "mean P(defect) of the auditor models"),
+    _second_opinion("auditor_max", "largest P(defect) among the auditor models"),
+    _second_opinion(
+        "ensemble_mean", "mean P(defect) of the production model and the auditors (deep ensemble)"
+    ),
+    _second_opinion(
+        "ensemble_disagreement",
+        "largest auditor P(defect) minus the production model's: how strongly an auditor "
+        "disputes the line's call",
+    ),
+    _second_opinion("snapshot_mean", "mean P(defect) of the training run's snapshots"),
+    _second_opinion(
+        "snapshot_ensemble_mean",
+        "mean P(defect) of the production model and its snapshots (a cheap ensemble)",
+    ),
+    _second_opinion("views_mean", "mean P(defect) of the production model over test-time views"),
+    _second_opinion("views_max", "largest P(defect) of the production model over the views"),
+    _second_opinion(
+        "views_disagreement", "spread (max − min) of P(defect) over the test-time views"
+    ),
+    _second_opinion(
+        "auditor_views_mean", "mean P(defect) of the auditors over the test-time views"
+    ),
+    _second_opinion(
+        "anomaly_imagenet",
+        "PatchCore distance of the image's patches to ok training patches (ImageNet "
+        "EfficientNet-Lite0 features)",
+    ),
+    _second_opinion(
+        "anomaly_own",
+        "PatchCore distance of the image's patches to ok training patches (the production "
+        "model's own features)",
+    ),
+    # full-recall rules over the methods above, fitted on the calibration split
+    ScoringMethod(
+        "or_rule",
+        _state_score,
+        "OR of per-method thresholds chosen together to catch every calibration miss; score = "
+        "largest standardised margin over its methods",
+        family="rule",
+        fit=_fit_or_rule,
+        state_to_dict=_state_dict,
+        state_from_dict=_or_rule_from_dict,
+    ),
+    ScoringMethod(
+        "percentile_rule",
+        _percentile_score,
+        "largest percentile of the image's scores among the calibration true negatives",
+        family="rule",
+        fit=_fit_percentile_rule,
+        state_to_dict=_state_dict,
+        state_from_dict=_percentile_from_dict,
     ),
 )
 for _method in BUILTIN_METHODS:
