@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,40 +59,102 @@ def find_dataset(given: Path | None, from_settings: Path | None) -> Path:
     )
 
 
-def model_cache_path(home: Path, manifest: Path, recipe: dict[str, Any]) -> Path:
-    """``<home>/models/demo-<key>.pt``, key = hash of the manifest path, content and recipe."""
+def model_cache_path(
+    home: Path, manifest: Path, recipe: dict[str, Any], role: str = "model"
+) -> Path:
+    """``<home>/models/demo-<key>.pt`` (the auditor: ``<home>/models/auditors/…``), key = hash
+    of the manifest path, its content and the recipe."""
     h = hashlib.sha256()
     h.update(str(manifest.resolve()).encode())
     h.update(manifest.read_bytes())
     h.update(json.dumps(recipe, sort_keys=True).encode())
-    return home.resolve() / "models" / f"demo-{h.hexdigest()[:16]}.pt"
+    folder = home.resolve() / "models" / ("" if role == "model" else f"{role}s")
+    return folder / f"demo-{h.hexdigest()[:16]}.pt"
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """What the demo trains and measures: the production model, one small auditor, and the
+    second opinions its decision method needs (banks, views)."""
+
+    production: Recipe = Recipe(arch="resnet18", image_size=128, epochs=15, batch_size=32)
+    auditor: Recipe | None = Recipe(
+        arch="resnet18", image_size=96, epochs=8, batch_size=32, seed=1000
+    )
+    banks: tuple[str, ...] = ()
+    views: tuple[str, ...] = ()
+
+    @classmethod
+    def sized(cls, image_size: int, epochs: int) -> DemoPlan:
+        """The default plan at another production size/epochs (the auditor: three quarters of
+        the size, half the epochs, at least 1)."""
+        base = cls()
+        assert base.auditor is not None
+        return replace(
+            base,
+            production=replace(base.production, image_size=image_size, epochs=epochs),
+            auditor=replace(
+                base.auditor,
+                image_size=max(32, round(image_size * 0.75)),
+                epochs=max(1, epochs // 2),
+            ),
+        )
+
+
+@dataclass
+class DemoModels:
+    """Files the demo's workers are given."""
+
+    production: Path
+    auditors: list[Path]
+    banks: list[Path]
+    views: tuple[str, ...]
+
+    def worker_settings(self) -> dict[str, Any]:
+        """``INSPECTION_AUDIT_*`` values (lower-case keys) for the workers."""
+        return {
+            "model": self.production,
+            "auditor_models": self.auditors or None,
+            "anomaly_banks": self.banks or None,
+            "views": list(self.views) or None,
+        }
 
 
 def ensure_model(
-    manifest: Path, home: Path, model: Path | None, epochs: int, image_size: int
+    manifest: Path,
+    home: Path,
+    recipe: Recipe,
+    role: str = "model",
+    given: Path | None = None,
 ) -> Path:
+    """A checkpoint trained with ``recipe`` on ``manifest``'s train split (best epoch on val),
+    cached under ``<home>/models/`` — or the ``given`` one, checked.
+
+    Raises:
+        click.ClickException: the given checkpoint is unusable.
+    """
     from worker.model.checkpoint import CheckpointError, load_checkpoint
 
-    if model is not None:
+    if given is not None:
         try:
-            load_checkpoint(model)
+            load_checkpoint(given)
         except CheckpointError as exc:
             raise click.ClickException(str(exc)) from None
-        console.print(f"[bold]model[/] {model} (given)")
-        return model.resolve()
+        console.print(f"[bold]{role}[/] {given} (given)")
+        return given.resolve()
     import torch
 
-    recipe = Recipe(arch="resnet18", image_size=image_size, epochs=epochs, batch_size=32)
-    path = model_cache_path(home, manifest, asdict(recipe))
+    path = model_cache_path(home, manifest, asdict(recipe), role)
     if path.is_file():
         try:
             load_checkpoint(path)
-            console.print(f"[bold]model[/] reusing cached {path}")
+            console.print(f"[bold]{role}[/] reusing cached {path}")
             return path
         except CheckpointError as exc:
-            console.print(f"cached model unusable ({exc}); training again")
+            console.print(f"cached {role} unusable ({exc}); training again")
+    h, w = recipe.input_size
     console.print(
-        f"[bold]model[/] training {recipe.arch} at {image_size} px for {epochs} epochs on "
+        f"[bold]{role}[/] training {recipe.arch} at {h}x{w} px for {recipe.epochs} epochs on "
         f"{manifest.parent.name} (cached afterwards as {path})"
     )
     torch.set_num_threads(os.cpu_count() or 1)
@@ -110,29 +172,92 @@ def ensure_model(
     return path
 
 
-def ensure_calibration(manifest: Path, ckpt: Path, settings: Any) -> None:
+def ensure_bank(manifest: Path, ckpt: Path, kind: str) -> Path:
+    """A PatchCore bank of ``kind`` from the train split's ok images (the default layers, chosen
+    on validation data out of fold; see docs/results), cached beside the checkpoint."""
+    from inspection_audit.lab.banks import CANDIDATE_LAYERS, build_bank
+    from worker.engine.anomaly import BankError
+    from worker.measure import load_bank_scorer
+    from worker.model.checkpoint import load_checkpoint
+    from worker.model.preprocess import load_image
+
+    pm = load_checkpoint(ckpt)
+    path = ckpt.parent / "banks" / f"{ckpt.stem}.bank-{kind}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        load_bank_scorer(path, pm)
+        console.print(f"[bold]bank[/] reusing {path}")
+        return path
+    except (BankError, OSError):
+        pass
+    console.print(f"[bold]bank[/] {kind}: ok patches of the train split → {path}")
+    ok = [
+        load_image(r.path, pm.in_channels)
+        for r in read_manifest(manifest, "train")
+        if r.label == "ok"
+    ]
+    build_bank(kind, pm, ok, CANDIDATE_LAYERS[kind][0]).save(path)
+    return path
+
+
+def ensure_models(
+    manifest: Path, home: Path, plan: DemoPlan, given: Path | None = None
+) -> DemoModels:
+    """The production model, the auditor and the banks of ``plan`` (trained or reused)."""
+    ckpt = ensure_model(manifest, home, plan.production, "model", given)
+    auditors = (
+        [] if plan.auditor is None else [ensure_model(manifest, home, plan.auditor, "auditor")]
+    )
+    banks = [ensure_bank(manifest, ckpt, kind) for kind in plan.banks]
+    return DemoModels(ckpt, auditors, banks, plan.views)
+
+
+def ensure_calibration(manifest: Path, models: DemoModels, settings: Any) -> Any:
+    """The sidecar of the production model, made on the val split with the demo's second
+    opinions (made again when missing, unreadable, or made with other second opinions).
+
+    Returns:
+        The :class:`~worker.engine.calibration.Calibration`.
+    """
+    from inspection_audit.lab.protocol import SecondOpinionPlan
     from worker.engine.calibration import CalibrationError, load_calibration, sidecar_path
+    from worker.measure import load_suite
     from worker.model.checkpoint import load_checkpoint
 
-    version = load_checkpoint(ckpt).model_version
+    ckpt = models.production
+    pm = load_checkpoint(ckpt)
+    plan = SecondOpinionPlan(
+        auditors=tuple(models.auditors),
+        views=models.views,
+        banks=tuple(str(b) for b in models.banks),
+    )
+    from inspection_audit.lab.scoring import make_engine
+
+    wanted = load_suite(
+        pm,
+        make_engine(pm, settings.engine_config()),
+        auditor_models=models.auditors,
+        views=models.views,
+        anomaly_banks=models.banks,
+    ).describe()
     try:
-        cal = load_calibration(ckpt, version)
+        cal = load_calibration(ckpt, pm.model_version)
     except CalibrationError as exc:
         console.print(f"calibration unusable ({exc}); calibrating again")
+        cal = None
+    if cal is not None and cal.second_opinions != wanted:
         cal = None
     if cal is None:
         console.print(f"[bold]calibration[/] τ on the val split → {sidecar_path(ckpt)}")
         try:
-            cal = calibrate_checkpoint(manifest, ckpt, split="val", config=settings.engine_config())
+            cal = calibrate_checkpoint(
+                manifest, ckpt, split="val", config=settings.engine_config(), plan=plan
+            )
         except CalibrationError as exc:
             raise click.ClickException(f"cannot calibrate on val: {exc}") from None
     else:
         console.print(f"[bold]calibration[/] reusing {sidecar_path(ckpt)}")
-    tau = cal.tau(settings.decision_method)
-    console.print(
-        f"decision method {settings.decision_method}: τ = "
-        + ("none (nothing will be flagged)" if tau is None else f"{tau:.4f}")
-    )
+    return cal
 
 
 def line_calls(ckpt: Path, records: list[Any]) -> list[float]:
@@ -146,3 +271,38 @@ def line_calls(ckpt: Path, records: list[Any]) -> list[float]:
     with torch.no_grad():
         z = predict_logits(pm.model, x)
     return [float(p) for p in p_defect_from_logits(z, pm.defect_index).tolist()]
+
+
+PAPER_METHOD = "iou_gap_adv"
+
+
+def summarize(
+    rows: list[dict[str, Any]],
+    labels: dict[str, str],
+    predictions: dict[str, str],
+    cal: Any,
+    methods: list[str],
+) -> dict[str, dict[str, Any]]:
+    """Per method, on the same audit rows: τ, what τ promised, false negatives caught and true
+    negatives flagged among the images the line called ``ok`` (flag: the row's stored score of
+    that method ≥ its τ)."""
+    ok = [r for r in rows if predictions[r["inspection_id"]] == "ok" and r["status"] == "done"]
+    fn = [r for r in ok if labels[r["inspection_id"]] == "defect"]
+    tn = [r for r in ok if labels[r["inspection_id"]] == "ok"]
+    out: dict[str, dict[str, Any]] = {}
+    for m in methods:
+        tau = cal.tau(m)
+
+        def flagged(r: dict[str, Any], m: str = m, tau: float | None = tau) -> bool:
+            v = (r.get("scores") or {}).get(m)
+            return v is not None and tau is not None and v >= tau
+
+        out[m] = {
+            "tau": tau,
+            "promise": (cal.methods.get(m) or {}).get("recall_lower_bound"),
+            "caught": sum(flagged(r) for r in fn),
+            "n_fn": len(fn),
+            "tn_flagged": sum(flagged(r) for r in tn),
+            "n_tn": len(tn),
+        }
+    return out
