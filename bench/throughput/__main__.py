@@ -25,8 +25,10 @@ from bench.throughput.config import (
     KIND_LABELS,
     KINDS,
     REPO,
+    SO_LABELS,
     BenchConfig,
     all_cores,
+    parse_second_opinions,
     pin_env_threads,
 )
 from bench.throughput.e2e import E2EContext, run_e2e
@@ -38,10 +40,24 @@ from bench.throughput.report import (
     fmt,
     images_per_s,
     machine_info,
+    ratio,
     verdict,
     write_reports,
 )
-from bench.throughput.workloads import dataset_records, load_pool, profile_engine, run_core
+from bench.throughput.second import (
+    decoded_images,
+    ok_records,
+    prepare_second_opinions,
+    run_second_opinions,
+    synthetic_decoded,
+)
+from bench.throughput.workloads import (
+    dataset_records,
+    load_pool,
+    profile_engine,
+    run_core,
+    synthetic_images,
+)
 from db.testing import DEFAULT_ADMIN_URL
 
 
@@ -55,6 +71,13 @@ def _int_list(text: str) -> tuple[int, ...]:
     if not vals or min(vals) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return vals
+
+
+def _second_opinions(text: str) -> tuple[str, ...]:
+    try:
+        return parse_second_opinions(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,7 +117,39 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Dataset folder with manifest.csv (default: $INSPECTION_AUDIT_DATASET, else ../shared/datasets/magnetic-tile).",
     )
+    p.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="Synthetic images instead of the dataset (no dataset needed; (e) is not run).",
+    )
     p.add_argument("--skip-e2e", action="store_true", help="Skip (e) (no Redis/PostgreSQL needed).")
+    p.add_argument(
+        "--second-opinions",
+        type=_second_opinions,
+        default=None,
+        metavar="none|all|auditor,views,anomaly_own,anomaly_imagenet",
+        help="Second opinions timed on top of (c) through AuditSuite.measure (default all; "
+        "none: no second-opinion workload).",
+    )
+    p.add_argument(
+        "--auditor",
+        type=Path,
+        default=None,
+        metavar="CKPT",
+        help="Auditor checkpoint (default: a second random resnet18 at 160 px).",
+    )
+    p.add_argument(
+        "--bank-images",
+        type=int,
+        default=None,
+        help="ok images each PatchCore bank is built from (default 8).",
+    )
+    p.add_argument(
+        "--bank-coreset",
+        type=int,
+        default=None,
+        help="Patches kept in each PatchCore bank (default 2000).",
+    )
     p.add_argument(
         "--profile",
         action="store_true",
@@ -143,6 +198,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         "min_images",
         "e2e_images",
         "e2e_reps",
+        "second_opinions",
+        "bank_images",
+        "bank_coreset",
     ):
         v = getattr(args, name)
         if v is not None:
@@ -172,6 +230,21 @@ def _print_summary(report: dict[str, Any], cfg: BenchConfig, out: Path) -> None:
         table.add_row(str(b), *(fmt(images_per_s(report["core"], k, b), 1) for k in KINDS))
     console.print(table)
     console.print(", ".join(f"({k}) = {KIND_LABELS[k][4:]}" for k in KINDS))
+    so = report["second_opinions"]["results"]
+    if so:
+        st = Table(title="(c) + second opinion through AuditSuite.measure: images/s (× (a))")
+        st.add_column("workload")
+        for b in cfg.sizes:
+            st.add_column(f"B={b}", justify="right")
+        for n in dict.fromkeys(r["kind"] for r in so):
+            cells = []
+            for b in cfg.sizes:
+                v = images_per_s(so, n, b)
+                cells.append(f"{fmt(v, 1)} ({fmt(ratio(v, images_per_s(report['core'], 'a', b)))})")
+            st.add_row(SO_LABELS[n], *cells)
+        console.print(st)
+    for name, why in report["second_opinions"]["skipped"].items():
+        console.print(f"[yellow]{name} not measured: {why}[/]")
     if report["e2e"]:
         et = Table(title="(e) end to end")
         for col in ("B", "workers", "images/s", "peak RSS tree MB", "errors"):
@@ -279,15 +352,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = replace(cfg, image_size=spec.input_size[0])
     else:
         spec = random_model(cfg.image_size, cfg.seed)
+    so_names = cfg.second_opinions
     dataset = resolve_dataset(args.dataset)
-    records = dataset_records(dataset, cfg.seed)
-    with console.status(f"loading {cfg.n_pool} images from {dataset}"):
-        pool = load_pool(records, cfg.n_pool, spec)
+    records: list[Any] = []
+    decoded: list[torch.Tensor] = []
+    ok_decoded: list[torch.Tensor] = []
+    if args.synthetic:
+        (size, width), ch = spec.input_size, spec.in_channels
+        pool = synthetic_images(cfg.n_pool, size, ch, seed=cfg.seed, width=width)
+        if so_names:
+            decoded = synthetic_decoded(cfg.n_pool, size, ch, seed=cfg.seed)
+            ok_decoded = synthetic_decoded(cfg.bank_images, size, ch, seed=cfg.seed + 1)
+        images_text = (
+            f"{cfg.n_pool} synthetic images (`--synthetic`, seed {cfg.seed}): {size}×{width} px for "
+            f"(a)–(d), {size}×{round(1.5 * size)} px decoded images for the second opinions"
+        )
+    else:
+        records = dataset_records(dataset, cfg.seed)
+        with console.status(f"loading {cfg.n_pool} images from {dataset}"):
+            pool = load_pool(records, cfg.n_pool, spec)
+            if so_names:
+                decoded = decoded_images(records, cfg.n_pool, spec.in_channels)
+                ok_decoded = decoded_images(
+                    ok_records(records, cfg.bank_images), cfg.bank_images, spec.in_channels
+                )
+        images_text = (
+            f"{cfg.n_pool} magnetic-tile images from {dataset} (manifest order shuffled "
+            f"with seed {cfg.seed})"
+        )
+    run_e2e_now = not args.skip_e2e and not args.synthetic
     n_all = all_cores()
     run_all = not args.no_all_cores and n_all > 1
     gpu = torch.cuda.is_available()
     steps = len(cfg.sizes) * (4 + (3 if run_all else 0) + (4 if gpu else 0)) + 1
-    if not args.skip_e2e:
+    if so_names:
+        n_so = len(so_names)
+        steps += 1 + ("auditor" in so_names) + sum(n.startswith("anomaly_") for n in so_names)
+        steps += len(cfg.sizes) * (1 + n_so + (n_so >= 2))
+    if run_e2e_now:
         steps += len(cfg.e2e_sizes) * len(cfg.e2e_workers)
     if args.profile:
         steps += 1
@@ -297,13 +399,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": machine,
         "config": asdict(cfg),
         "model": spec.description,
-        "images": f"{cfg.n_pool} magnetic-tile images from {dataset} (manifest order shuffled "
-        f"with seed {cfg.seed})",
+        "images": images_text,
         "all_cores_threads": n_all,
         "what_was_timed": WHAT_WAS_TIMED,
         "core": [],
+        "second_opinions": {
+            "selected": list(so_names),
+            "setup": {},
+            "skipped": {},
+            "results": [],
+            "note": None if so_names else "Not measured (`--second-opinions none`).",
+        },
         "e2e": [],
     }
+    if args.synthetic and not args.skip_e2e:
+        report["e2e_note"] = "Not measured: `--synthetic` has no image files to enqueue."
     t_start = time.perf_counter()
     with Progress(
         SpinnerColumn(),
@@ -328,7 +438,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         step("maps agreement (b) vs (d)")
         b_agree = min(4, pool.shape[0])
         report["maps_agreement"] = {"batch_size": b_agree, **maps_agreement(spec, pool, b_agree)}
+        setup = None
+        if so_names:  # before (a)-(d): a bad --auditor fails here, not after minutes of timing
+            step("second opinions: loading the production model")
+            setup = prepare_second_opinions(
+                spec, cfg, ok_decoded, auditor=args.auditor, on_step=step
+            )
+            report["second_opinions"].update(setup=setup.info, skipped=setup.skipped)
         report["core"] += run_core(spec, pool, cfg, n_threads=1, on_step=step)
+        if setup is not None:
+            report["second_opinions"]["results"] = run_second_opinions(
+                setup, decoded, cfg, on_step=step
+            )
+            del setup
         if run_all:
             report["core"] += run_core(
                 spec, pool, cfg, n_threads=n_all, kinds=("a", "b", "c"), on_step=step
@@ -351,13 +473,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 + text
             )
             report["profile"] = str(display_path(out / "profile.txt"))
-        if not args.skip_e2e:
+        if run_e2e_now:
             report["e2e"] = _run_e2e_all(args, cfg, spec, dataset, records, step, status)
         progress.advance(task)
         progress.update(task, description="done")
     report["seconds"] = round(time.perf_counter() - t_start, 1)
     report["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
-    report["targets"] = evaluate_targets(report["core"], report["e2e"], cfg.sizes, cfg.e2e_sizes)
+    report["targets"] = evaluate_targets(
+        report["core"],
+        report["e2e"],
+        cfg.sizes,
+        cfg.e2e_sizes,
+        report["second_opinions"]["results"],
+    )
     write_reports(report, out)
     _print_summary(report, cfg, out)
     return 1 if sum(r["errors"] for r in report["e2e"]) else 0

@@ -31,6 +31,41 @@ KIND_LABELS = {
     "d": "(d) pytorch_grad_cam, 3 maps",
 }
 
+#: The second opinions, each timed as (c) audit + FGSM plus that one second opinion, through
+#: ``AuditSuite.measure`` (see :mod:`bench.throughput.second`), in the order they are run.
+SECOND_OPINIONS = ("auditor", "views", "anomaly_own", "anomaly_imagenet")
+#: The second-opinion workloads: ``none`` (``measure`` alone), each second opinion, ``all``.
+SO_WORKLOADS = ("none", *SECOND_OPINIONS, "all")
+SO_LABELS = {
+    "none": "(c) via AuditSuite.measure, no second opinion",
+    "auditor": "(c) + auditor",
+    "views": "(c) + 4 flip views",
+    "anomaly_own": "(c) + PatchCore bank, own features",
+    "anomaly_imagenet": "(c) + PatchCore bank, EfficientNet-Lite0",
+    "all": "(c) + every second opinion",
+}
+
+
+def parse_second_opinions(text: str) -> tuple[str, ...]:
+    """``--second-opinions``: ``none`` → ``()``, ``all`` → :data:`SECOND_OPINIONS`, else a
+    comma-separated subset of it (returned in :data:`SECOND_OPINIONS` order).
+
+    Raises:
+        ValueError: an unknown name, or ``none``/``all`` mixed with other names.
+    """
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    if names == ["none"]:
+        return ()
+    if names == ["all"]:
+        return SECOND_OPINIONS
+    unknown = [n for n in names if n not in SECOND_OPINIONS]
+    if unknown or not names:
+        raise ValueError(
+            f"unknown second opinion(s) {unknown or text!r}: use none, all or a comma-separated "
+            f"subset of {', '.join(SECOND_OPINIONS)}"
+        )
+    return tuple(n for n in SECOND_OPINIONS if n in names)
+
 
 @dataclass(frozen=True)
 class BenchConfig:
@@ -50,6 +85,11 @@ class BenchConfig:
         e2e_images: images per end-to-end repetition.
         e2e_reps: end-to-end repetitions.
         seed: seeds the model weights, the image order and torch's RNG before each workload.
+        second_opinions: the second opinions timed on top of (c) (:data:`SECOND_OPINIONS`,
+            empty: no second-opinion workload at all).
+        auditor_size: input side in px of the random auditor (a second resnet18, seed + 1).
+        bank_images: ``ok`` images each PatchCore bank is built from (before timing).
+        bank_coreset: patches kept in each bank (greedy k-center coreset).
     """
 
     quick: bool = False
@@ -64,6 +104,10 @@ class BenchConfig:
     e2e_images: int = 256
     e2e_reps: int = 3
     seed: int = 0
+    second_opinions: tuple[str, ...] = SECOND_OPINIONS
+    auditor_size: int = 160
+    bank_images: int = 8
+    bank_coreset: int = 2000
 
     @classmethod
     def full(cls) -> BenchConfig:
@@ -72,7 +116,8 @@ class BenchConfig:
 
     @classmethod
     def quick_preset(cls) -> BenchConfig:
-        """The ``--quick`` smoke run: 64 px, B = 1 and 4, a few images, 2 repetitions."""
+        """The ``--quick`` smoke run: 64 px, B = 1 and 4, a few images, 2 repetitions; the
+        second opinions with a 48 px auditor and banks of 200 patches from 4 images."""
         return cls(
             quick=True,
             sizes=(1, 4),
@@ -84,6 +129,9 @@ class BenchConfig:
             n_pool=8,
             e2e_images=16,
             e2e_reps=1,
+            auditor_size=48,
+            bank_images=4,
+            bank_coreset=200,
         )
 
 

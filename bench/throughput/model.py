@@ -48,8 +48,11 @@ class ModelSpec:
         return self.model.backbone.get_submodule(self.layer)
 
 
-def random_model(image_size: int, seed: int = 0, arch: str = "resnet18") -> ModelSpec:
-    """``build_backbone(arch, 2, 1)`` with seeded random weights in a ``NormalizedModel``.
+def random_model(
+    image_size: int, seed: int = 0, arch: str = "resnet18", in_channels: int = 1
+) -> ModelSpec:
+    """``build_backbone(arch, 2, in_channels)`` with seeded random weights in a
+    ``NormalizedModel`` (mean 0.5, std 0.25 per channel).
 
     The global RNG is left as it was (the weights come from a forked RNG).
     """
@@ -57,8 +60,8 @@ def random_model(image_size: int, seed: int = 0, arch: str = "resnet18") -> Mode
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        backbone = build_backbone(arch, 2, 1)
-    model = NormalizedModel(backbone, [0.5], [0.25]).eval()
+        backbone = build_backbone(arch, 2, in_channels)
+    model = NormalizedModel(backbone, [0.5] * in_channels, [0.25] * in_channels).eval()
     return ModelSpec(
         model=model,
         layer="layer4",
@@ -66,8 +69,9 @@ def random_model(image_size: int, seed: int = 0, arch: str = "resnet18") -> Mode
         defect_index=1,
         ok_index=0,
         input_size=(image_size, image_size),
-        in_channels=1,
-        description=f"{arch}, random weights (seed {seed}), 1 input channel",
+        in_channels=in_channels,
+        description=f"{arch}, random weights (seed {seed}), {in_channels} input channel"
+        + ("s" if in_channels != 1 else ""),
         arch=arch,
     )
 
@@ -92,10 +96,11 @@ def checkpoint_model(path: Path) -> ModelSpec:
     )
 
 
-def save_model_checkpoint(spec: ModelSpec, path: Path) -> Path:
+def save_model_checkpoint(spec: ModelSpec, path: Path, model_version: str | None = None) -> Path:
     """Write ``spec``'s model as a checkpoint the worker can load (random weights included).
 
     A ``--model`` checkpoint is copied as it is (without its calibration sidecar).
+    ``model_version`` defaults to ``bench-<arch>-<H>x<W>``.
     """
     if spec.checkpoint is not None:
         shutil.copyfile(spec.checkpoint, path)
@@ -114,7 +119,8 @@ def save_model_checkpoint(spec: ModelSpec, path: Path) -> Path:
         std=[float(v) for v in model.std.flatten()],
         in_channels=spec.in_channels,
         target_layer=spec.layer,
-        model_version=f"bench-{spec.arch}-{spec.input_size[0]}x{spec.input_size[1]}",
+        model_version=model_version
+        or f"bench-{spec.arch}-{spec.input_size[0]}x{spec.input_size[1]}",
     )
     return path
 

@@ -19,10 +19,13 @@ from typing import Any
 
 import torch
 
-from bench.throughput.config import KINDS, REPO, all_cores
+from bench.throughput.config import KINDS, REPO, SECOND_OPINIONS, SO_LABELS, all_cores
 
 #: "GB" in the RSS target is decimal: 1.5 GB = 1500 MB = 1.5e9 bytes.
 RSS_LIMIT_MB = 1500.0
+#: The issue's target for each second opinion: (c) + it ≥ 0.25 × (a) inference at B = 8.
+SO_TARGET_RATIO = 0.25
+SO_TARGET_B = 8
 
 #: What one timed call of each workload does (the report's "What was timed").
 WHAT_WAS_TIMED = {
@@ -47,6 +50,21 @@ WHAT_WAS_TIMED = {
     "every image gets the full FGSM audit; JPEG decoding and resizing happen in the worker and "
     "are included. Peak RSS: psutil, sampled every 0.2 s over the worker's process tree "
     "(main process + pool process), summed; PSS (shared pages split between processes) alongside.",
+    "second_opinions": "Each timed call is one `AuditSuite.measure(images, x)`, as the worker "
+    "makes it: `images` are the B images decoded at their own size (`load_image`), `x` their "
+    "production input (fitted before timing, as the worker does while decoding). The production "
+    "model and the auditor are loaded from checkpoint files and frozen; the engine is "
+    "`ReliabilityEngine.from_production_model(pm, EngineConfig(attack='fgsm'), max_chunk=<the "
+    "worker's default>)`. *none*: the engine's (c) plus what `measure` adds (per-image rows, "
+    "the three maps cropped and resized to each image's aspect ratio, the display copies). "
+    "*auditor*: plus fitting the images to the auditor's input and its forward pass. *views*: "
+    "plus one forward pass of the production model, without gradients, on the 4 flip views "
+    "of x stacked into 4·B images (identity, hflip, vflip, hvflip). *anomaly_own* / *anomaly_imagenet*: plus fitting the images to the bank's "
+    "input, the feature model's forward pass to the bank's two layers, PatchCore's 3 × 3 "
+    "aggregation and projection, the exact nearest-neighbour search of every patch in the bank, "
+    "and the anomaly map (upsampled, Gaussian blur, cropped to the image). *all*: every selected second opinion "
+    "together (with an auditor and views, also the auditor on each view). The banks are built "
+    "before timing; their build time is reported apart.",
 }
 
 
@@ -120,11 +138,17 @@ def ratio(num: float | None, den: float | None) -> float | None:
     return None if num is None or den is None or den == 0 else num / den
 
 
+def so_target_name(name: str) -> str:
+    """The target line of one second opinion (see :data:`SO_TARGET_RATIO`)."""
+    return f"audit + FGSM + {name} ≥ {SO_TARGET_RATIO} × inference"
+
+
 def evaluate_targets(
     core: Sequence[dict[str, Any]],
     e2e: Sequence[dict[str, Any]],
     sizes: Sequence[int],
     e2e_sizes: Sequence[int],
+    second: Sequence[dict[str, Any]] = (),
 ) -> list[dict[str, Any]]:
     """The issue's targets, one row per (target, B), from one-thread CPU numbers.
 
@@ -132,6 +156,10 @@ def evaluate_targets(
     ``required``, ``op`` (``>=``/``<=``), ``unit`` (``×`` or ``MB``) and ``passed`` (``None``
     when not measured: a batch size not run, or no end-to-end results). The memory targets are
     judged at B = 32 (else the largest end-to-end B) on the larger worker of all runs there.
+    Then one row per second opinion of :data:`bench.throughput.config.SECOND_OPINIONS`: its
+    workload's images/s in ``second`` (:func:`bench.throughput.second.run_second_opinions`)
+    over (a)'s at B = 8, ≥ 0.25 (``None`` when it was not selected, was skipped, or B = 8 was
+    not run).
     """
     out: list[dict[str, Any]] = []
 
@@ -169,6 +197,10 @@ def evaluate_targets(
     ):
         peaks = [max(r[key]) for r in e2e if r["batch_size"] == rss_b and r[key]]
         add(label, rss_b, max(peaks) if peaks else None, RSS_LIMIT_MB, False, "MB")
+    a8 = images_per_s(core, "a", SO_TARGET_B)
+    for name in SECOND_OPINIONS:
+        value = ratio(images_per_s(second, name, SO_TARGET_B), a8)
+        add(so_target_name(name), SO_TARGET_B, value, SO_TARGET_RATIO, True)
     return out
 
 
@@ -232,6 +264,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"| {b} | {fmt(a, 1)} | {fmt(bb, 1)} | {fmt(c, 1)} | {fmt(d, 1)} | "
             f"{fmt(ratio(bb, a))} | {fmt(ratio(c, a))} | {fmt(ratio(bb, d))} |"
         )
+    lines += second_opinion_lines(report)
     n_all = report["all_cores_threads"]
     if any(r["threads"] == n_all and n_all != 1 for r in core):
         lines += [
@@ -304,13 +337,17 @@ def render_markdown(report: dict[str, Any]) -> str:
         "1- and 2-worker runs. The pool process is forked from the main process after torch is "
         "imported, so the pages they share (torch's libraries, imported modules) are counted "
         "twice in that sum; the supplementary PSS row splits shared pages between the processes "
-        "that map them, which is closer to what one more worker adds to the machine's memory.",
+        "that map them, which is closer to what one more worker adds to the machine's memory. "
+        f"Each second opinion's target is judged at B={SO_TARGET_B} on its workload (one "
+        "`AuditSuite.measure` call with the FGSM audit and that second opinion) over (a); a "
+        "second opinion not selected (`--second-opinions`) or skipped says *not measured*.",
         "",
         "## What was timed",
         "",
     ]
     for k in ("a", "b", "c", "d", "e"):
         lines.append(f"* **({k})** {WHAT_WAS_TIMED[k]}")
+    lines.append(f"* **Second opinions** {WHAT_WAS_TIMED['second_opinions']}")
     agree = report.get("maps_agreement")
     if agree:
         lines += [
@@ -355,6 +392,74 @@ def render_markdown(report: dict[str, Any]) -> str:
     )
     lines.append("")
     return "\n".join(lines)
+
+
+def second_opinion_lines(report: dict[str, Any]) -> list[str]:
+    """The Markdown section of the second-opinion workloads (from ``report["second_opinions"]``;
+    a report without it, from before they existed, gets none)."""
+    so = report.get("second_opinions")
+    if so is None:
+        return []
+    lines = ["", "## Second opinions: (c) audit + FGSM plus one second opinion, one thread", ""]
+    results = so.get("results") or []
+    if not results:
+        lines.append(so.get("note") or "Not measured.")
+        return lines
+    core = report["core"]
+    lines += [
+        "Each workload is one `AuditSuite.measure(images, x)` call per batch of B images decoded "
+        "at their own size, as the worker makes it (see *What was timed*). images/s: median of "
+        "the repetitions; × (a): over (a) inference's images/s at the same B; ms/img: 1000 / "
+        "images/s; + ms/img vs (c): its ms/img minus (c) audit + FGSM's at the same B (the "
+        "table above), i.e. what `measure` and the second opinion add per image; + ms/img vs "
+        "none: minus the *no second opinion* workload's, i.e. what the second opinion alone "
+        "adds. Differences of separately timed workloads: on a busy machine they are noisy.",
+        "",
+        "| B | workload | images/s | × (a) | ms/img | + ms/img vs (c) | + ms/img vs none |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+
+    def added(ms: float, rate: float | None) -> str:
+        return "–" if rate is None else f"{ms - 1000.0 / rate:+.1f}"
+
+    for r in results:
+        b = r["batch_size"]
+        a, c = images_per_s(core, "a", b), images_per_s(core, "c", b)
+        none = None if r["kind"] == "none" else images_per_s(results, "none", b)
+        lines.append(
+            f"| {b} | {SO_LABELS.get(r['kind'], r['kind'])} | {fmt(r['images_per_s'], 1)} | "
+            f"{fmt(ratio(r['images_per_s'], a))} | {fmt(r['ms_per_image'], 1)} | "
+            f"{added(r['ms_per_image'], c)} | {added(r['ms_per_image'], none)} |"
+        )
+    info = so.get("setup") or {}
+    lines += ["", "Set-up, before timing (not in the per-image cost):", ""]
+    prod, eng = info.get("production"), info.get("engine")
+    if prod and eng:
+        lines.append(
+            f"* production model `{prod['model_version']}` ({prod['arch']}, "
+            f"{prod['input_size'][0]}×{prod['input_size'][1]} px, {prod['resize']}), engine "
+            f"attack={eng['attack']}, layer {eng['target_layer']}, max_chunk {eng['max_chunk']}."
+        )
+    aud = info.get("auditor")
+    if aud:
+        lines.append(
+            f"* auditor: {aud['description']}, `{aud['model_version']}`, "
+            f"{aud['input_size'][0]}×{aud['input_size'][1]} px ({aud['resize']}), loaded in "
+            f"{aud['load_s']:.1f} s."
+        )
+    if info.get("views"):
+        lines.append(f"* views: {', '.join(info['views'])}.")
+    for kind, bk in (info.get("banks") or {}).items():
+        lines.append(
+            f"* bank `{kind}` ({bk['feature_extractor']}, layers {' + '.join(bk['layers'])}, "
+            f"{bk['input_size'][0]}×{bk['input_size'][1]} px {bk['resize_mode']}): "
+            f"{bk['patches']} patches of {bk['ok_images']} ok images → {bk['bank_patches']} "
+            f"kept (coreset {bk['coreset_size']}), {bk['dim']} dimensions, {bk['search']} "
+            f"exact search; built in {bk['build_s']:.1f} s."
+        )
+    for name, why in (so.get("skipped") or {}).items():
+        lines.append(f"* **{name} not measured**: {why}")
+    return lines
 
 
 def display_path(p: Path) -> Path:

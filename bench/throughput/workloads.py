@@ -35,15 +35,19 @@ TIMER_WARMUP_MIN = 2
 
 
 # --- images --------------------------------------------------------------------------------------
-def synthetic_images(n: int, size: int, in_channels: int = 1, seed: int = 0) -> Tensor:
-    """``float32[n, C, size, size]`` in [0, 1]: noisy background with one bright or dark blob."""
+def synthetic_images(
+    n: int, size: int, in_channels: int = 1, seed: int = 0, *, width: int | None = None
+) -> Tensor:
+    """``float32[n, C, size, width]`` in [0, 1] (``width`` defaults to ``size``): noisy
+    background with one bright or dark blob."""
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size]
-    out = np.empty((n, in_channels, size, size), dtype=np.float32)
+    w = size if width is None else width
+    yy, xx = np.mgrid[0:size, 0:w]
+    out = np.empty((n, in_channels, size, w), dtype=np.float32)
     for i in range(n):
-        base = rng.normal(0.5, 0.08, (size, size))
-        cy, cx = rng.uniform(0.2 * size, 0.8 * size, 2)
-        r = rng.uniform(0.06, 0.25) * size
+        base = rng.normal(0.5, 0.08, (size, w))
+        cy, cx = rng.uniform([0.2 * size, 0.2 * w], [0.8 * size, 0.8 * w])
+        r = rng.uniform(0.06, 0.25) * min(size, w)
         blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
         out[i] = np.clip(base + rng.choice([-0.4, 0.4]) * blob, 0, 1)
     return torch.from_numpy(out)
@@ -150,15 +154,16 @@ def time_batches(
 ) -> list[float]:
     """Images/s of each of ``reps`` timed repetitions over ``batches`` (one value per repetition).
 
-    One ``torch.utils.benchmark.Timer(stmt="fn(next(batches))")`` per workload, with
-    ``batches`` an endless cycle over the ``n = len(batches)`` distinct batches of ``B``
-    images. Each repetition is ``timer.timeit(n)``: torch first makes ``max(n // 100, 2)``
-    untimed calls, then times ``n`` calls, so a repetition covers every batch exactly once;
-    its rate is ``B / m.mean`` images per second (``m.mean``: seconds per call, i.e. the ``n``
-    calls' wall time divided by ``n``). The Timer synchronises an accelerator before reading
-    the clock, so CUDA work is counted in full. Before the first repetition, the calls that
-    ``warmup`` asks for beyond Timer's own are made untimed, so at least ``max(warmup, 2)``
-    calls precede the first timed one.
+    :func:`time_calls` with ``B = batches[0].shape[0]``: one
+    ``torch.utils.benchmark.Timer(stmt="fn(next(batches))")`` per workload, with ``batches``
+    an endless cycle over the ``n = len(batches)`` distinct batches of ``B`` images. Each
+    repetition is ``timer.timeit(n)``: torch first makes ``max(n // 100, 2)`` untimed calls,
+    then times ``n`` calls, so a repetition covers every batch exactly once; its rate is
+    ``B / m.mean`` images per second (``m.mean``: seconds per call, i.e. the ``n`` calls' wall
+    time divided by ``n``). The Timer synchronises an accelerator before reading the clock, so
+    CUDA work is counted in full. Before the first repetition, the calls that ``warmup`` asks
+    for beyond Timer's own are made untimed, so at least ``max(warmup, 2)`` calls precede the
+    first timed one.
 
     Args:
         fn: the workload, called with one ``float32[B, C, H, W]`` batch.
@@ -168,9 +173,31 @@ def time_batches(
         num_threads: torch intra-op threads while timing (Timer's ``num_threads``).
         label: Timer label (shows in a printed ``Measurement``).
     """
-    n = len(batches)
     b = int(batches[0].shape[0])
-    it = itertools.cycle(batches)
+    return time_calls(
+        fn, batches, batch_size=b, warmup=warmup, reps=reps, num_threads=num_threads, label=label
+    )
+
+
+def time_calls(
+    fn: Callable[[Any], Any],
+    items: Sequence[Any],
+    *,
+    batch_size: int,
+    warmup: int,
+    reps: int,
+    num_threads: int = 1,
+    label: str = "",
+) -> list[float]:
+    """Images/s of each of ``reps`` timed repetitions of ``fn`` over ``items``, each item one
+    batch of ``batch_size`` images in whatever form ``fn`` takes (a tensor for (a)-(d); decoded
+    images and their production input for the second-opinion workloads).
+
+    The timing is :func:`time_batches`'s: ``timer.timeit(len(items))`` per repetition after
+    ``max(warmup, 2)`` untimed calls at least; each rate is ``batch_size`` / (seconds per call).
+    """
+    n = len(items)
+    it = itertools.cycle(items)
     for _ in range(max(0, warmup - max(n // 100, TIMER_WARMUP_MIN))):
         fn(next(it))
     timer = Timer(
@@ -178,9 +205,9 @@ def time_batches(
         globals={"fn": fn, "batches": it},
         num_threads=num_threads,
         label=label,
-        sub_label=f"B={b}",
+        sub_label=f"B={batch_size}",
     )
-    return [b / timer.timeit(n).mean for _ in range(reps)]
+    return [batch_size / timer.timeit(n).mean for _ in range(reps)]
 
 
 def run_core(
