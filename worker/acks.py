@@ -54,14 +54,14 @@ def requeue_copy(req: Any, finished_attempt: int | None) -> None:
     """Put ``req``'s message back on its queue as a new copy, then acknowledge the original.
 
     The copy has the same body, task id and properties, and :data:`FINISHED_ATTEMPT_HEADER`
-    set to ``finished_attempt`` (removed when None). When publishing fails the original is
+    set to ``finished_attempt``; when that is None the message's own header is kept (no new
+    attempt was left open, so what it said still holds). When publishing fails the original is
     rejected back onto the queue instead.
     """
     message = req.message
     try:
         headers = dict(message.headers or {})
         headers.pop("redelivered", None)
-        headers.pop(FINISHED_ATTEMPT_HEADER, None)
         if finished_attempt is not None:
             headers[FINISHED_ATTEMPT_HEADER] = int(finished_attempt)
         info = message.delivery_info or {}

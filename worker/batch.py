@@ -175,12 +175,14 @@ def fault_hook() -> Callable[[Iterable[str]], contextlib.AbstractContextManager[
     """The test-only fault hook when its environment variable is set, else a no-op.
 
     :mod:`worker.faults` is imported only when ``INSPECTION_AUDIT_TEST_FAULT_KILL_IN_ATTACK``
-    is set; production never loads it.
+    or ``INSPECTION_AUDIT_TEST_FAULT_HOLD_IN_ATTACK`` is set; production never loads it.
     """
-    if os.environ.get("INSPECTION_AUDIT_TEST_FAULT_KILL_IN_ATTACK"):
-        from worker.faults import kill_in_attack
+    if os.environ.get("INSPECTION_AUDIT_TEST_FAULT_KILL_IN_ATTACK") or os.environ.get(
+        "INSPECTION_AUDIT_TEST_FAULT_HOLD_IN_ATTACK"
+    ):
+        from worker.faults import any_fault
 
-        return kill_in_attack
+        return any_fault
     return lambda _ids: contextlib.nullcontext()
 
 
