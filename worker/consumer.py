@@ -40,6 +40,13 @@ class AuditConsumer(Consumer):
 
     settings: ClassVar[Settings | None] = None
 
+    class Blueprint(Consumer.Blueprint):
+        """Celery's consumer steps without native delayed delivery: on RabbitMQ quorum queues
+        it declares ~30 queues and exchanges per virtual host for ETA tasks, and the audit
+        task runs nothing delayed (a message with an ``eta`` is malformed here)."""
+
+        default_steps = [s for s in Consumer.Blueprint.default_steps if "delayed_delivery" not in s]
+
     # --- the task message handler --------------------------------------------------------------
     def create_task_handler(self, promise: Any = vine_promise) -> Callable[[Any], None]:
         handle = super().create_task_handler(promise)
@@ -102,7 +109,8 @@ class AuditConsumer(Consumer):
         try:
             ident = bad.task_id or getattr(message, "delivery_tag", None) or "?"
             log.error(
-                "malformed message %s taken off queue %s: %s; %s",
+                "%s %s taken off queue %s: %s; %s",
+                "dead-lettered message" if bad.stage == "broker" else "malformed message",
                 clip(ident, 80),
                 bad.queue or "?",
                 bad.reason,

@@ -497,13 +497,8 @@ def _record_error_row(bad: Malformed, s: Settings) -> None:
         raise _RuntimeUnavailable(str(exc)) from exc
     key = (bad.inspection_id, rt.model_version, rt.method)
     inspection = placeholder_inspection(bad.payload, bad.inspection_id)
-    row = error_row(
-        key,
-        f"malformed message: {bad.reason}",
-        host=worker_host(),
-        delivery_count=1,
-        params=rt.params,
-    )
+    why = bad.reason if bad.stage == "broker" else f"malformed message: {bad.reason}"
+    row = error_row(key, why, host=worker_host(), delivery_count=1, params=rt.params)
 
     def tx() -> None:
         with session_scope(s.resolved_database_url) as session:
