@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from inspection_audit.settings import Settings
 from tests.support.messages import Case, Wire, good_payload, malformed_cases
 from tests.support.models import tiny_checkpoint
 from tests.support.workers import (
@@ -66,7 +67,6 @@ def test_malformed_entries_never_stop_the_worker_and_each_is_accounted_for(
 ) -> None:
     from db.repository import dead_letter_count, dead_letter_counts_by_stage
     from db.session import session_scope
-    from inspection_audit.settings import Settings
     from producer.api import enqueue_many, reset_apps
 
     images = make_images(tmp_path / "img", 3)
@@ -198,3 +198,63 @@ def _write_figures(
         f"({recovered} recovered + 3 unstorable), dead letters {len(letters)}, "
         f"duplicates {sum(r['duplicate_count'] for r in rows.values())}"
     )
+
+
+def test_embedded_default_broker_file_that_is_not_a_message(tmp_path: Path) -> None:
+    """The embedded default (kombu's filesystem broker): a message file that is not JSON, and
+    one that is JSON but no envelope, between good messages. The worker stays up, records
+    both as dead letters (their bytes kept) and audits the good ones."""
+    from db.migrate import upgrade
+    from db.session import dispose_engines
+    from producer.api import enqueue_many, reset_apps
+
+    images = make_images(tmp_path / "img", 2)
+    ckpt = tiny_checkpoint(tmp_path, size=(48, 48))
+    home = tmp_path / "home"
+    s = Settings(home=home, image_roots=[tmp_path / "img"], queue=QUEUE)
+    url = s.resolved_database_url
+    upgrade(url)
+    dispose_engines(url)
+    folder = home / "broker" / "queue"
+    folder.mkdir(parents=True, exist_ok=True)
+    junk = {"0_a.": b"\x00\x01 not json \xff", "0_b.": b'{"body": "x"}'}
+    for prefix, data in junk.items():
+        (folder / f"{prefix}{QUEUE}.msg").write_bytes(data)
+    try:
+        enqueue_many(
+            [good_payload(f"fs-good-{i}", p.name) for i, p in enumerate(images)], settings=s
+        )
+    finally:
+        reset_apps()
+    env = worker_env(
+        {
+            "home": home,
+            "queue": QUEUE,
+            "model": ckpt,
+            "image_roots": tmp_path / "img",
+            "torch_threads": 1,
+            "batch_size": 2,
+            "batch_wait_ms": 100,
+        }
+    )
+    w = start_worker(env, "fs-junk", tmp_path)
+    try:
+        wait_ready([w])
+        rows = wait_rows(url, ["fs-good-0", "fs-good-1"], [w], timeout=60)
+        deadline = time.monotonic() + 30
+        while len(dead_letter_rows(url)) < 2:
+            assert w.proc.poll() is None, w.tail()
+            assert time.monotonic() < deadline, w.tail()
+            time.sleep(0.2)
+        time.sleep(0.5)
+        letters = dead_letter_rows(url)
+        assert w.proc.poll() is None, w.tail()
+    finally:
+        stop_workers([w])
+        dispose_engines(url)
+    assert all(r["status"] == "done" for r in rows)
+    assert sorted(bytes(d["raw"]) for d in letters) == sorted(junk.values())
+    assert {d["stage"] for d in letters} == {"transport"}
+    assert any("not JSON" in d["reason"] for d in letters)
+    assert any("no properties" in d["reason"] for d in letters)
+    assert list(folder.glob(f"*.{QUEUE}.msg")) == []

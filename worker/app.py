@@ -161,13 +161,16 @@ def create_app(settings: Settings, *, worker: bool = True) -> Celery:
 def worker_config(settings: Settings) -> dict[str, Any]:
     """What a worker adds to :func:`celery_config`: its consumer
     (:class:`worker.consumer.AuditConsumer`, which takes malformed messages off the queue and
-    records them) and, for Redis, kombu's transport reading list entries safely
-    (:mod:`worker.transport`)."""
+    records them) and, for Redis and the filesystem broker, kombu's transport reading entries
+    safely (:mod:`worker.transport`)."""
     from worker.consumer import consumer_class
 
     extra: dict[str, Any] = {"worker_consumer": consumer_class(settings)}
-    if settings.resolved_broker_url.startswith(("redis://", "rediss://")):
+    url = settings.resolved_broker_url
+    if url.startswith(("redis://", "rediss://")):
         extra["broker_transport"] = "worker.transport:Transport"
+    elif url.startswith("filesystem://"):
+        extra["broker_transport"] = "worker.transport:FilesystemTransport"
     return extra
 
 

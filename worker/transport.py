@@ -1,4 +1,4 @@
-"""kombu's Redis transport, reading every list entry safely (the worker's broker transport).
+"""kombu's Redis and filesystem transports, reading every entry safely (the worker's transports).
 
 kombu 5.7's Redis channel pops an entry (``BRPOP``) and parses it with ``loads(...)`` in the
 worker's main process; an entry that is not JSON, or JSON that is not a message envelope,
@@ -8,16 +8,24 @@ delivered as an envelope that carries its bytes and the reason, which the consum
 (:mod:`worker.consumer`) records as a dead letter before acknowledging it. Until then it sits in
 kombu's unacked hash like any message, so a worker killed meanwhile loses nothing.
 
+The embedded default's filesystem transport has the same weakness (a message file that is not
+JSON); :class:`FilesystemTransport` reads its files the same way.
+
 :func:`worker.app.worker_config` sets ``broker_transport`` to :class:`Transport` for
-``redis://`` and ``rediss://`` brokers, in workers only (a producer only sends).
+``redis://`` and ``rediss://`` brokers and to :class:`FilesystemTransport` for
+``filesystem://``, in workers only (a producer only sends).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from queue import Empty
 from typing import Any
 
-from kombu.transport import redis
+from kombu.exceptions import ChannelError
+from kombu.transport import filesystem, redis
 from kombu.utils.encoding import bytes_to_str
 
 from worker.malformed import read_entry
@@ -64,3 +72,35 @@ class Transport(redis.Transport):
     """kombu's Redis transport with :class:`Channel`."""
 
     Channel = Channel
+
+
+class FilesystemChannel(filesystem.Channel):
+    """A filesystem channel whose reads never raise on what a message file holds."""
+
+    def _get(self, queue: Any, timeout: Any = None) -> Any:
+        """kombu's ``_get`` (5.7), with the file's bytes read by :func:`read_entry`."""
+        queue_find = f"{queue}.msg"
+        for filename in sorted(os.listdir(self.data_folder_in)):
+            if filename.partition(".")[2] != queue_find:
+                continue
+            processed = self.processed_folder if self.store_processed else tempfile.gettempdir()
+            try:  # move the file away: it could be locked, or taken meanwhile
+                shutil.move(os.path.join(self.data_folder_in, filename), processed)
+            except OSError:
+                continue
+            path = os.path.join(processed, filename)
+            try:
+                with open(path, "rb") as f:
+                    payload = f.read()
+                if not self.store_processed:
+                    os.remove(path)
+            except OSError as exc:
+                raise ChannelError(f"Cannot read file {path!r} from queue.") from exc
+            return read_entry(payload, queue)
+        raise Empty()
+
+
+class FilesystemTransport(filesystem.Transport):
+    """kombu's filesystem transport with :class:`FilesystemChannel`."""
+
+    Channel = FilesystemChannel
