@@ -278,6 +278,63 @@ def test_dropped_connection_through_a_proxy(
     assert "giving up" not in w.text() and depth == 0
 
 
+def test_requeue_after_database_outage_is_a_copy_not_a_return(
+    tmp_path: Path, migrated_pg_url: str, rabbit_url: str
+) -> None:
+    """The database goes away for longer than every retry while a batch of 2 waits to write:
+    the worker puts the messages back itself, as copies, so the broker's delivery count does
+    not grow (``x-delivery-limit`` 1 would otherwise dead-letter them after the second
+    outage). Two outages in a row; once the database is back both are scored normally."""
+    from db.session import dispose_engines, make_engine
+
+    images = make_images(tmp_path / "img", 2)
+    ckpt = tiny_checkpoint(tmp_path, size=(48, 48))
+    proxy = TcpProxy(("127.0.0.1", sa.engine.make_url(migrated_pg_url).port or 5432))
+    proxied = (
+        sa.engine.make_url(migrated_pg_url)
+        .set(port=proxy.port)
+        .render_as_string(hide_password=False)
+    )
+    ids = ["rdb-0", "rdb-1"]
+    env = _env(
+        tmp_path,
+        rabbit_url,
+        proxied,
+        ckpt,
+        batch_size=2,
+        batch_wait_ms=300,
+        task_max_retries=1,
+        retry_backoff_max_s=1,
+        max_redeliveries=0,
+        rabbitmq_delivery_limit=1,
+    )
+    w = start_worker(env, "outage", tmp_path)
+    locker = make_engine(migrated_pg_url).connect()
+    tx = locker.begin()
+    try:
+        wait_ready([w])
+        locker.exec_driver_sql("LOCK TABLE audits IN EXCLUSIVE MODE")
+        _enqueue(rabbit_url, tmp_path, ids, images, rabbitmq_delivery_limit=1)
+        _until(lambda: _writers_blocked(migrated_pg_url) == 1, "the writer to block", [w])
+        proxy.cut()
+        tx.rollback()
+        _until(lambda: w.text().count("requeued 2 of 2 message(s)") >= 3, "3 requeues", [w])
+        proxy.restore()
+        rows = {r["inspection_id"]: r for r in wait_rows(migrated_pg_url, ids, [w], timeout=90)}
+        attempts = _attempts(migrated_pg_url)
+        dlq = queue_depth(rabbit_url, f"{QUEUE}.dead-letter")
+        assert w.proc.poll() is None, w.tail()
+    finally:
+        locker.close()
+        proxy.close()
+        dispose_engines(proxied)
+        stop_workers([w])
+    for iid in ids:
+        assert rows[iid]["status"] == "done", (iid, rows[iid]["error"])
+        assert attempts[iid] == (2, None, 0), attempts
+    assert dlq == 0 and "dead-lettered" not in w.text()
+
+
 def test_malformed_messages_never_stop_a_worker(
     tmp_path: Path, migrated_pg_url: str, rabbit_url: str
 ) -> None:

@@ -36,6 +36,8 @@ log = logging.getLogger("inspection_audit.worker")
 #: Header of a message the worker put back itself: the number of the attempt that ended
 #: without its process dying (see :mod:`db.deliveries`).
 FINISHED_ATTEMPT_HEADER = "x-inspection-audit-finished-attempt"
+#: Headers the broker sets on a delivery (RabbitMQ's counts and deaths): not carried to a copy.
+_BROKER_HEADERS = ("x-delivery-count", "x-death", "x-first-death", "x-last-death")
 
 
 class _CountingQueue(Queue[Any]):
@@ -60,8 +62,11 @@ def requeue_copy(req: Any, finished_attempt: int | None) -> None:
     """
     message = req.message
     try:
-        headers = dict(message.headers or {})
-        headers.pop("redelivered", None)
+        headers = {
+            k: v
+            for k, v in (message.headers or {}).items()
+            if k != "redelivered" and not k.startswith(_BROKER_HEADERS)
+        }
         if finished_attempt is not None:
             headers[FINISHED_ATTEMPT_HEADER] = int(finished_attempt)
         info = message.delivery_info or {}
