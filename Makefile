@@ -1,6 +1,6 @@
 # Two entry points, each doing all set-up on a fresh machine:
 #   make demo   -- audit the magnetic-tile test split end to end on the embedded default
-#   make test   -- lint, type-check and run the test suite against real Redis and PostgreSQL
+#   make test   -- lint, type-check and run the test suite against real Redis, PostgreSQL, RabbitMQ
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin

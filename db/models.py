@@ -1,5 +1,5 @@
 """SQLAlchemy 2 typed models: :class:`Inspection`, :class:`Audit`, :class:`Review`,
-:class:`DeliveryAttempt`.
+:class:`DeliveryAttempt`, :class:`DeadLetter`, :class:`OutboxEntry`.
 
 The schema itself is created by the Alembic migrations in ``db/migrations`` (never by
 ``create_all`` in production); a test checks that the migrated schema equals this metadata on
@@ -176,10 +176,14 @@ class Review(Base):
 
 
 class DeliveryAttempt(Base):
-    """How many times a worker received an inspection for one (model_version, method).
+    """The attempts to score one inspection for one (model_version, method).
 
-    The worker's redelivery cap (:mod:`db.deliveries`); created by migration 0002. No foreign
-    key to ``inspections``: a delivery is counted before the inspection row is written.
+    The worker's redelivery cap (:mod:`db.deliveries`); created by migration 0002, with
+    ``open_attempt`` and ``lost`` from 0004. ``attempts`` counts the attempts started (an
+    attempt is the risky part: decoding and scoring); ``open_attempt`` is the number of the
+    attempt started and not finished yet (NULL when none); ``lost`` counts the attempts a later
+    attempt found never finished (their process died). No foreign key to ``inspections``: an
+    attempt is started before the inspection row is written.
     """
 
     __tablename__ = "delivery_attempts"
@@ -191,6 +195,63 @@ class DeliveryAttempt(Base):
     first_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=sa.func.now())
     last_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=sa.func.now())
     last_worker: Mapped[str | None] = mapped_column(sa.String())
+    open_attempt: Mapped[int | None] = mapped_column(sa.Integer())
+    lost: Mapped[int] = mapped_column(sa.Integer(), server_default="0")
+
+
+#: Where a dead letter was taken off the queue (``dead_letters.stage``).
+DEAD_LETTER_STAGES = ("transport", "envelope", "message", "broker", "worker")
+
+
+class DeadLetter(Base):
+    """A message taken off the queue that could not be recorded under any inspection.
+
+    Created by migration 0004. ``stage`` says where it was caught: ``transport`` (the broker's
+    entry is not a message envelope at all), ``envelope`` (a message, but not a Celery task
+    message for the audit task), ``message`` (a task message whose payload has no usable
+    ``inspection_id``), ``broker`` (dead-lettered by RabbitMQ, e.g. its delivery limit) or
+    ``worker`` (the worker refused it for another reason). ``raw`` holds the first bytes of
+    what was received (``raw_size`` is the whole size), ``headers`` the message headers as JSON
+    text when there were any.
+    """
+
+    __tablename__ = "dead_letters"
+    __table_args__ = (sa.CheckConstraint(_in("stage", DEAD_LETTER_STAGES), name="stage"),)
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    received_at: Mapped[datetime] = mapped_column(
+        UTCDateTime(), server_default=sa.func.now(), index=True
+    )
+    queue: Mapped[str | None] = mapped_column(sa.String())
+    task_id: Mapped[str | None] = mapped_column(sa.String())
+    stage: Mapped[str] = mapped_column(sa.String())
+    reason: Mapped[str] = mapped_column(sa.Text())
+    headers: Mapped[str | None] = mapped_column(sa.Text())
+    raw: Mapped[bytes | None] = mapped_column(sa.LargeBinary())
+    raw_size: Mapped[int] = mapped_column(sa.Integer(), server_default="0")
+    worker_host: Mapped[str | None] = mapped_column(sa.String())
+
+
+class OutboxEntry(Base):
+    """An inspection the producer recorded as queued before sending it (transactional outbox).
+
+    Created by migration 0004. ``message`` is the message as sent (wire form) and ``queue``
+    where it went; ``sends`` counts the sends the broker accepted (the first, then each resend
+    by ``inspection-audit reconcile``), ``sent_at`` the first and ``last_sent_at`` the latest.
+    ``audited_at`` is set by reconcile once an audit row exists for the inspection: until then
+    the entry is pending.
+    """
+
+    __tablename__ = "outbox"
+
+    inspection_id: Mapped[str] = mapped_column(sa.String(), primary_key=True)
+    queue: Mapped[str] = mapped_column(sa.String())
+    message: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    queued_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=sa.func.now())
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    sends: Mapped[int] = mapped_column(sa.Integer(), server_default="0")
+    audited_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), index=True)
 
 
 #: Columns that hold an audit's *result* (replaced when a late success beats an error).
@@ -260,13 +321,16 @@ __all__ = [
     "AUDIT_KEY_COLUMNS",
     "AUDIT_RESULT_COLUMNS",
     "AUDIT_STATUSES",
+    "DEAD_LETTER_STAGES",
     "NAMING_CONVENTION",
     "PREDICTIONS",
     "VERDICTS",
     "Audit",
     "Base",
+    "DeadLetter",
     "DeliveryAttempt",
     "Inspection",
+    "OutboxEntry",
     "Review",
     "UTCDateTime",
     "audit_scores_view",

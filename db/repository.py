@@ -10,6 +10,7 @@ transaction (see :func:`db.session.session_scope`). The worker hands over typed 
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -23,7 +24,9 @@ from db.models import (
     PREDICTIONS,
     VERDICTS,
     Audit,
+    DeadLetter,
     Inspection,
+    OutboxEntry,
     Review,
     review_queue_view,
 )
@@ -242,4 +245,61 @@ def audit_summary(session: Session) -> dict[str, int]:
         "duplicates": int(duplicates),
         "reviewed": int(reviewed),
         "pending_review": int(pending),
+    }
+
+
+# --- for the metrics (GET /metrics) and the CLI -------------------------------------------------
+def dead_letter_count(session: Session, since: datetime | None = None) -> int:
+    """Dead letters recorded (``dead_letters`` rows), all or those received at or after ``since``.
+
+    Messages the workers took off the queue and could not record under any inspection.
+    """
+    t = DeadLetter.__table__
+    stmt = sa.select(sa.func.count()).select_from(t)
+    if since is not None:
+        stmt = stmt.where(t.c.received_at >= since)
+    return int(session.execute(stmt).scalar_one())
+
+
+def dead_letter_counts_by_stage(session: Session) -> dict[str, int]:
+    """Dead letters per ``stage`` (``transport``, ``envelope``, ``message``, ``broker``,
+    ``worker``); stages with none are absent."""
+    t = DeadLetter.__table__.c
+    rows = session.execute(sa.select(t.stage, sa.func.count()).group_by(t.stage)).all()
+    return {str(stage): int(n) for stage, n in rows}
+
+
+def queued_without_audit(session: Session, older_than: timedelta) -> int:
+    """Inspections the producer recorded in the outbox and that still have no audit row at
+    least ``older_than`` after their last send (by the database's clock): the ones
+    ``inspection-audit reconcile`` would send again. Read-only."""
+    from db.outbox import count_overdue
+
+    return count_overdue(session, older_than)
+
+
+def outbox_counts(session: Session) -> dict[str, int]:
+    """Counts of the producer's outbox.
+
+    Keys: ``queued`` (entries), ``pending`` (not yet seen audited by reconcile: waiting, in
+    flight, or lost), ``never_sent`` (recorded, but the broker never accepted them), ``resent``
+    (entries sent more than once, i.e. resent by reconcile) and ``resends`` (the extra sends
+    in all).
+    """
+    t = OutboxEntry.__table__.c
+    queued, pending, never_sent, resent, resends = session.execute(
+        sa.select(
+            sa.func.count(),
+            sa.func.count().filter(t.audited_at.is_(None)),
+            sa.func.count().filter(t.sends == 0),
+            sa.func.count().filter(t.sends > 1),
+            sa.func.coalesce(sa.func.sum(sa.case((t.sends > 1, t.sends - 1), else_=0)), 0),
+        ).select_from(OutboxEntry.__table__)
+    ).one()
+    return {
+        "queued": int(queued),
+        "pending": int(pending),
+        "never_sent": int(never_sent),
+        "resent": int(resent),
+        "resends": int(resends),
     }

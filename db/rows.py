@@ -6,11 +6,36 @@ result. :func:`db.repository.upsert_inspection` and :func:`db.repository.upsert_
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
 AuditStatus = Literal["done", "error"]
+
+#: Characters no text column can hold: NUL (PostgreSQL refuses it) and unpaired surrogates
+#: (not encodable as UTF-8; JSON can carry them as ``"\ud800"``).
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def text_problem(text: str) -> str | None:
+    """Why ``text`` cannot be stored in a text column, or None when it can.
+
+    E.g. ``"contains a NUL character at position 3"``, ``"contains an unpaired surrogate
+    U+D800 at position 0"``.
+    """
+    found = _UNSTORABLE.search(text)
+    if found is None:
+        return None
+    ch, at = found.group(), found.start()
+    if ch == "\x00":
+        return f"contains a NUL character at position {at}"
+    return f"contains an unpaired surrogate U+{ord(ch):04X} at position {at}"
+
+
+def storable_text(text: str) -> str:
+    """``text`` with NUL characters and unpaired surrogates written as ``\\uXXXX`` escapes."""
+    return _UNSTORABLE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 @dataclass

@@ -81,6 +81,28 @@ class Settings(_EngineSettings):  # type: ignore[misc,valid-type]
     enqueue_timeout_s: float = Field(
         default=10.0, gt=0, description="How long a producer retries a broker that is down."
     )
+    outbox: bool = Field(
+        default=False,
+        description="Producer: record each inspection as queued in the database's outbox "
+        "(INSPECTION_AUDIT_DATABASE_URL) before sending it, so that `inspection-audit "
+        "reconcile` finds and resends what a broker lost. The HTTP ingest always does.",
+    )
+    reconcile_after_s: int = Field(
+        default=7200,
+        ge=0,
+        description="`inspection-audit reconcile` resends an outbox entry still without an "
+        "audit row this many seconds after its last send. Keep it above the longest wait in "
+        "the queue plus the visibility timeout: a message resent too early is scored twice "
+        "(one row, a duplicate counted).",
+    )
+    rabbitmq_delivery_limit: int = Field(
+        default=10,
+        ge=1,
+        description="RabbitMQ only: the quorum queue's x-delivery-limit. A message returned "
+        "to the queue more often (its process or worker died, the connection dropped) is "
+        "dead-lettered by the broker and recorded by a worker. Keep it above "
+        "MAX_REDELIVERIES + 1, so that the worker's own cap answers first.",
+    )
 
     # --- worker ----------------------------------------------------------------------------
     device: Literal["cpu", "cuda", "auto"] = "cpu"

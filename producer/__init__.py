@@ -8,6 +8,7 @@ it uses :func:`worker.model.preprocess.resolve_under_roots`.
 """
 
 from producer.api import EnqueueError, enqueue, enqueue_many, get_app, prepare_message, reset_apps
+from producer.outbox import OutboxError, Reconciled, reconcile
 from producer.schema import SCHEMA_VERSION, InspectionMessage, MessageError, parse_message
 
 __all__ = [
@@ -15,10 +16,13 @@ __all__ = [
     "EnqueueError",
     "InspectionMessage",
     "MessageError",
+    "OutboxError",
+    "Reconciled",
     "enqueue",
     "enqueue_many",
     "get_app",
     "parse_message",
     "prepare_message",
+    "reconcile",
     "reset_apps",
 ]

@@ -12,6 +12,10 @@ says which broker (password hidden) and how many messages were sent.
 On the wire an image path is stored relative to the *first* image root when it lies under it
 (the worker resolves relative paths against its own first root), otherwise as the absolute,
 symlink-resolved path. The SHA-256 of the image bytes is always filled in.
+
+With the outbox on (``Settings.outbox``, or ``outbox=True``), every message of a batch is
+recorded in the database as queued before the first is sent (:mod:`producer.outbox`), so that
+``inspection-audit reconcile`` can find and resend what a broker loses.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ __all__ = [
     "prepare_message",
     "reset_apps",
     "retry_policy",
+    "send_messages",
 ]
 
 ImageInput = str | Path | bytes | bytearray | memoryview
@@ -255,27 +260,50 @@ def _send(
     return sent
 
 
+def send_messages(
+    messages: list[InspectionMessage],
+    *,
+    settings: Settings,
+    app: Celery | None = None,
+    on_sent: Callable[[InspectionMessage], None] | None = None,
+) -> list[str]:
+    """Send already prepared messages to ``settings.queue`` in order (no validation, no
+    outbox); returns the sent ``inspection_id`` s (``inspection-audit reconcile`` resends
+    with it).
+
+    Raises:
+        EnqueueError: the broker failed; ``err.sent_ids`` lists the messages sent before.
+    """
+    return _send(messages, settings, app, on_sent)
+
+
 def enqueue_many(
     messages: Iterable[InspectionMessage | Mapping[str, Any]],
     *,
     settings: Settings | None = None,
     app: Celery | None = None,
     on_sent: Callable[[InspectionMessage], None] | None = None,
+    outbox: bool | None = None,
 ) -> list[str]:
     """Validate every message, then send them in order; returns the sent ``inspection_id`` s.
 
     Nothing is sent unless every message is valid (see :func:`prepare_message`) and the
     ``inspection_id`` s of the batch are distinct. ``on_sent`` (optional) is called after each
-    message the broker accepted (e.g. to advance a progress bar).
+    message the broker accepted (e.g. to advance a progress bar). With the outbox on, the
+    batch is recorded in the database as queued (one committed transaction) before the first
+    message is sent, and each message the broker accepted is counted as sent.
 
     Args:
         messages: :class:`InspectionMessage` objects or dicts in wire form.
         settings: default :func:`inspection_audit.settings.get_settings`.
         app: a Celery app to send with; default the cached app for ``settings``.
+        outbox: record in the outbox first; default ``settings.outbox``.
 
     Raises:
         MessageError: the first invalid message, with its position (``index``) in the batch;
             nothing was sent.
+        producer.outbox.OutboxError: the outbox could not be written (the database stayed
+            unreachable for ~``enqueue_timeout_s`` s); nothing was sent.
         EnqueueError: the broker failed (after retrying for ~``enqueue_timeout_s`` s);
             ``err.sent_ids`` lists the messages sent before the failure.
     """
@@ -302,8 +330,19 @@ def enqueue_many(
         prepared.append(msg)
     if not prepared:
         return []
+    if not (settings.outbox if outbox is None else outbox):
+        return _send(prepared, settings, app, on_sent)
 
-    return _send(prepared, settings, app, on_sent)
+    from producer.outbox import mark_sent, record_queued
+
+    record_queued(prepared, settings)
+    try:
+        sent = _send(prepared, settings, app, on_sent)
+    except EnqueueError as exc:
+        mark_sent(exc.sent_ids, settings)
+        raise
+    mark_sent(sent, settings)
+    return sent
 
 
 def enqueue(
@@ -318,6 +357,7 @@ def enqueue(
     model_version: str | None = None,
     settings: Settings | None = None,
     app: Celery | None = None,
+    outbox: bool | None = None,
 ) -> str:
     """Validate and send one inspection; returns its ``inspection_id`` once the broker has it.
 
@@ -333,9 +373,11 @@ def enqueue(
         model_version: the production model version the line ran, if known.
         settings: default :func:`inspection_audit.settings.get_settings`.
         app: a Celery app to send with; default the cached app for ``settings``.
+        outbox: record it in the outbox before sending; default ``settings.outbox``.
 
     Raises:
         MessageError: any invalid input (nothing is sent).
+        producer.outbox.OutboxError: the outbox could not be written (nothing is sent).
         EnqueueError: the broker failed after retrying for ~``settings.enqueue_timeout_s`` s.
     """
     fields: dict[str, Any] = {
@@ -362,4 +404,4 @@ def enqueue(
     except ValidationError as exc:
         iid = inspection_id if isinstance(inspection_id, str) else None
         raise MessageError.from_validation_error(exc, inspection_id=iid) from None
-    return enqueue_many([msg], settings=settings, app=app)[0]
+    return enqueue_many([msg], settings=settings, app=app, outbox=outbox)[0]

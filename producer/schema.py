@@ -44,6 +44,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from db.rows import storable_text, text_problem
+
 if TYPE_CHECKING:
     from inspection_audit.settings import Settings
 
@@ -89,10 +91,10 @@ class MessageError(ValueError):
         if self.index is not None:
             where.append(f"message {self.index}")
         if self.inspection_id is not None:
-            where.append(f"inspection_id {self.inspection_id!r}")
+            where.append(f"inspection_id {_short_id(self.inspection_id)}")
         head = "invalid inspection message" + (f" ({', '.join(where)})" if where else "")
         body = "; ".join(f"{f}: {r}" if f else r for f, r in self.errors)
-        return f"{head}: {body}"
+        return storable_text(f"{head}: {body}")
 
     def located(
         self, *, index: int | None = None, inspection_id: str | None = None
@@ -128,6 +130,13 @@ class MessageError(ValueError):
 _NO_INPUT_ECHO = {"missing", "value_error", "one_image", "sha256_mismatch"}
 # Errors of the message as a whole, reported under the fields they concern.
 _MODEL_ERROR_FIELDS = {"one_image": "image_path|image_b64", "sha256_mismatch": "image_sha256"}
+
+
+def _short_id(inspection_id: str, limit: int = 40) -> str:
+    """``repr(inspection_id)``, cut when long (an over-long id is not repeated whole)."""
+    if len(inspection_id) <= limit:
+        return repr(inspection_id)
+    return f"{inspection_id[: limit - 8]!r}… ({len(inspection_id)} characters)"
 
 
 def _is_big(value: Any) -> bool:
@@ -182,6 +191,18 @@ class InspectionMessage(BaseModel):
     model_version: str | None = Field(default=None, min_length=1, max_length=128)
 
     # --- field checks ---------------------------------------------------------------------
+    @field_validator("*", mode="before")
+    @classmethod
+    def _storable(cls, v: Any) -> Any:
+        """Text a database cannot store is refused here, naming the field, not by the
+        database when the row is written (PostgreSQL refuses NUL; unpaired surrogates, which
+        JSON can carry as ``\\ud800``, are not UTF-8)."""
+        if isinstance(v, str):
+            problem = text_problem(v)
+            if problem is not None:
+                raise ValueError(f"{problem} (text must not contain NUL or unpaired surrogates)")
+        return v
+
     @field_validator("score", mode="before")
     @classmethod
     def _score_is_a_number(cls, v: Any) -> Any:

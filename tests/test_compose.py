@@ -31,11 +31,19 @@ CLIENTS = _clients()
 
 
 def _compose(
-    client: list[str], *args: str, password: str | None = "test-only"
+    client: list[str],
+    *args: str,
+    password: str | None = "test-only",
+    extra: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("POSTGRES_", "COMPOSE_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("POSTGRES_", "COMPOSE_", "RABBITMQ_", "BROKER_"))
+    }
     if password is not None:
         env["POSTGRES_PASSWORD"] = password
+    env.update(extra or {})
     # --project-directory on a folder without .env: a developer's .env must not leak in.
     return subprocess.run(
         [*client, "-f", str(COMPOSE), "--project-directory", str(ROOT / "tests"), *args],
@@ -64,7 +72,9 @@ def test_config_is_valid(client: list[str]) -> None:
 def test_services(client: list[str]) -> None:
     res = _compose(client, "--profile", "gpu", "config", "--services")
     assert res.returncode == 0, res.stderr
-    assert set(res.stdout.split()) == {"redis", "postgres", "migrate", "worker", "worker-gpu"}
+    # (compose 1.29 lists the services of every profile; v2 only the active ones)
+    services = set(res.stdout.split()) - {"rabbitmq"}
+    assert services == {"redis", "postgres", "migrate", "worker", "worker-gpu"}
 
 
 def test_password_comes_from_the_environment(client: list[str]) -> None:
@@ -86,11 +96,38 @@ def test_resolved_config(client: list[str]) -> None:
     assert "container_name" not in text  # `--scale worker=N` needs generated names
 
 
+def test_rabbitmq_profile(client: list[str]) -> None:
+    """The rabbitmq profile adds RabbitMQ; BROKER_URL points every worker at it."""
+    res = _compose(client, "--profile", "rabbitmq", "config", "--services")
+    assert res.returncode == 0, res.stderr
+    assert {"redis", "postgres", "migrate", "worker", "rabbitmq"} <= set(res.stdout.split())
+    url = "amqp://inspection:pw@rabbitmq:5672//"
+    res = _compose(
+        client,
+        "--profile",
+        "rabbitmq",
+        "config",
+        extra={"BROKER_URL": url, "RABBITMQ_PASSWORD": "pw"},
+    )
+    assert res.returncode == 0, res.stderr
+    # migrate, worker (and worker-gpu, which compose 1.29 lists whatever the profile)
+    assert res.stdout.count(f"INSPECTION_AUDIT_BROKER_URL: {url}") >= 2
+    assert "INSPECTION_AUDIT_BROKER_URL: redis:" not in res.stdout
+    assert (
+        "RABBITMQ_DEFAULT_PASS: pw" in res.stdout
+        and "rabbitmq-data:/var/lib/rabbitmq" in res.stdout
+    )
+    assert "INSPECTION_AUDIT_RABBITMQ_DELIVERY_LIMIT: '10'" in res.stdout
+    default = _compose(client, "config")
+    assert "INSPECTION_AUDIT_BROKER_URL: redis://redis:6379/0" in default.stdout
+
+
 def test_file_shape() -> None:
     """Checks on the file itself (run even without a compose client)."""
     text = COMPOSE.read_text()
     assert "container_name" not in text
-    assert 'profiles: ["gpu"]' in text
+    assert 'profiles: ["gpu"]' in text and 'profiles: ["rabbitmq"]' in text
+    assert "RABBITMQ_PASSWORD in .env" in text  # no default password
     assert '"--device", "cuda"' in text
     assert "- cpu" in text
     assert "POSTGRES_PASSWORD:?" in text  # no default password

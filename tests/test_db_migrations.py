@@ -11,7 +11,7 @@ from db.migrate import current, downgrade, head, upgrade
 from db.models import Base
 from db.session import make_engine
 
-TABLES = {"inspections", "audits", "reviews"}
+TABLES = {"inspections", "audits", "reviews", "delivery_attempts", "dead_letters", "outbox"}
 
 
 def _schema(url: str) -> tuple[set[str], set[str]]:
@@ -28,7 +28,7 @@ def test_upgrade_downgrade_upgrade(fixture: str, request: pytest.FixtureRequest)
     tables, views = _schema(url)
     assert tables >= TABLES
     assert "review_queue" in views
-    assert current(url) == head() == "0003"
+    assert current(url) == head() == "0004"
 
     downgrade(url)
     tables, views = _schema(url)
@@ -40,7 +40,7 @@ def test_upgrade_downgrade_upgrade(fixture: str, request: pytest.FixtureRequest)
     tables, views = _schema(url)
     assert tables >= TABLES
     assert "review_queue" in views
-    assert current(url) == "0003"
+    assert current(url) == "0004"
 
 
 def test_migrated_schema_matches_models(migrated_url: str) -> None:
@@ -69,7 +69,7 @@ def test_upgrade_creates_sqlite_folder(tmp_path) -> None:  # type: ignore[no-unt
     try:
         upgrade(url)
         assert (tmp_path / "a" / "b" / "audit.sqlite3").exists()
-        assert current(url) == "0003"
+        assert current(url) == "0004"
     finally:
         dispose_engines(url)
 
@@ -122,7 +122,7 @@ def test_0003_moves_scores_into_json_and_back_without_loss(
             )
         )
 
-    upgrade(url)
+    upgrade(url, "0003")
     assert current(url) == "0003"
     with engine.connect() as c:
         got = {
@@ -159,3 +159,58 @@ def test_0003_moves_scores_into_json_and_back_without_loss(
     assert dict(zip(OLD_SCORES, row[:-1], strict=True)) == pytest.approx(OLD_SCORES)
     assert bool(row[-1]) is True
     assert err[0] == "error" and err[1] == "bad image" and all(v is None for v in err[2:])
+
+
+@pytest.mark.parametrize("fixture", ["sqlite_url", "pg_url"])
+def test_0004_keeps_the_cap_decision_of_old_attempt_counts(
+    fixture: str, request: pytest.FixtureRequest
+) -> None:
+    """Counts written under 0003 (every delivery counted) become ``lost`` = attempts - 1 and,
+    where no audit row exists yet, an open latest attempt: the next start charges it, so the
+    next decision is the one the old counter would have made (lost = attempts). Keys with a
+    row have nothing open. Downgrading drops the two columns and keeps ``attempts``."""
+    from db.deliveries import attempt_state, start_attempt
+    from db.session import session_scope
+
+    url = request.getfixturevalue(fixture)
+    upgrade(url, "0003")
+    engine = make_engine(url)
+    with engine.begin() as c:
+        c.execute(
+            sa.text(
+                "INSERT INTO inspections (inspection_id, image_ref, captured_at, prediction, score) "
+                "VALUES ('done-1', 'a.png', :t, 'ok', 0.1)"
+            ),
+            {"t": "2026-01-01 00:00:00+00:00"},
+        )
+        c.execute(
+            sa.text(
+                "INSERT INTO audits (inspection_id, model_version, method, status) "
+                "VALUES ('done-1', 'v', 'm', 'done')"
+            )
+        )
+        c.execute(
+            sa.text(
+                "INSERT INTO delivery_attempts (inspection_id, model_version, method, attempts) "
+                "VALUES ('done-1', 'v', 'm', 2), ('open-3', 'v', 'm', 3), ('open-1', 'v', 'm', 1)"
+            )
+        )
+    upgrade(url)
+    with session_scope(url) as s:
+        assert attempt_state(s, ("done-1", "v", "m")).open_attempt is None
+        assert attempt_state(s, ("done-1", "v", "m")).lost == 1
+        three = attempt_state(s, ("open-3", "v", "m"))
+        assert (three.attempts, three.open_attempt, three.lost) == (3, 3, 2)
+        one = attempt_state(s, ("open-1", "v", "m"))
+        assert (one.attempts, one.open_attempt, one.lost) == (1, 1, 0)
+    with session_scope(url) as s:
+        # the old counter would now say: 4 deliveries, lost = 3
+        nxt = start_attempt(s, ("open-3", "v", "m"))
+        assert (nxt.number, nxt.lost) == (4, 3)
+    downgrade(url, "0003")
+    with engine.connect() as c:
+        cols = {col["name"] for col in sa.inspect(c).get_columns("delivery_attempts")}
+        n = c.execute(
+            sa.text("SELECT attempts FROM delivery_attempts WHERE inspection_id = 'open-3'")
+        ).scalar_one()
+    assert "lost" not in cols and "open_attempt" not in cols and n == 4

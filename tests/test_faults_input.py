@@ -4,8 +4,8 @@ One worker (``-c 1``, B=4) on a Redis server of the module's own audits everythi
 or hostile producer can send: images that cannot be read, decoded or accepted (each an
 ``error`` row saying why), unusual images that must decode and score (finite numbers, EXIF
 orientation applied), malformed messages (an ``error`` row when there is an inspection id to
-record it under, a log line otherwise) and a pickle message (refused before it is deserialised:
-no row, no side effect). Messages are sent raw with the Celery app, bypassing the producer's
+record it under, a dead letter otherwise) and a pickle message (refused before it is
+deserialised: a dead letter holding its bytes, no row, no side effect). Messages are sent raw with the Celery app, bypassing the producer's
 validation, as an attacker would. The worker keeps going throughout.
 
 A second worker proves that one inspection sent twice, or one message delivered twice, gives
@@ -74,6 +74,17 @@ def _msg(iid: str, image_path: str | None = None, **over: Any) -> dict[str, Any]
     }
     m.update(over)
     return m
+
+
+PICKLE_REFUSED = "content type 'application/x-python-serialize' is refused"
+
+
+def _dead_letters(url: str) -> list[dict[str, Any]]:
+    from db.dead_letters import dead_letters
+    from db.session import session_scope
+
+    with session_scope(url) as s:
+        return dead_letters(s, limit=None)
 
 
 def _send_raw(broker: str, payloads: list[Any], **options: Any) -> None:
@@ -280,7 +291,7 @@ def audited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
         evil = {**_msg("pickled", good[0].name), "payload": _TouchOnUnpickle(marker)}
         _send_raw(redis.url, [evil], serializer="pickle")
         deadline = time.monotonic() + 30
-        while "Refusing to deserialize untrusted content of type pickle" not in w.text():
+        while PICKLE_REFUSED not in w.text():
             assert time.monotonic() < deadline, f"pickle message not refused:\n{w.tail()}"
             assert w.proc.poll() is None, w.tail()
             time.sleep(0.1)
@@ -292,12 +303,13 @@ def audited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
         ids = ["after-pickle", "good-1", *hostile, *decodable, *msg_errors]
         rows = {r["inspection_id"]: r for r in wait_rows(url, ids, [w], timeout=90)}
         deadline = time.monotonic() + 15
-        while w.text().count("dropping message") < 2:  # the two without an inspection_id
-            assert time.monotonic() < deadline, f"messages without an id not logged:\n{w.tail()}"
+        while len(_dead_letters(url)) < 3:  # the pickle and the two without an inspection_id
+            assert time.monotonic() < deadline, f"messages without an id not recorded:\n{w.tail()}"
             time.sleep(0.1)
         time.sleep(0.5)
         alive = w.proc.poll() is None
         all_rows = audit_rows(url)
+        letters = _dead_letters(url)
         yield {
             "rows": rows,
             "all_rows": all_rows,
@@ -306,6 +318,7 @@ def audited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
             "alive": alive,
             "marker": marker,
             "msg_errors": msg_errors,
+            "dead_letters": letters,
         }
     finally:
         if w is not None:
@@ -386,10 +399,15 @@ def test_hostile_message_becomes_error_row(audited: dict[str, Any], iid: str) ->
     assert row["suspected_false_negative"] is False
 
 
-def test_message_without_inspection_id_is_logged_not_stored(audited: dict[str, Any]) -> None:
+def test_message_without_inspection_id_becomes_a_dead_letter(audited: dict[str, Any]) -> None:
     log = audited["log"]
-    assert "no usable inspection_id to record it under" in log
-    assert "message must be a JSON object, got str" in log
+    reasons = {d["reason"]: d for d in audited["dead_letters"]}
+    no_id = "the message has no inspection_id (nothing to record it under)"
+    not_object = "the message is a string, not an object"
+    assert set(reasons) >= {no_id, not_object}
+    assert reasons[not_object]["raw"].startswith(b'[["not even a JSON object"], {}')  # the body
+    assert all(d["stage"] == "message" for d in (reasons[no_id], reasons[not_object]))
+    assert f"{no_id}; recording it as a dead letter" in log
     assert "ignored" not in {r["inspection_id"] for r in audited["all_rows"]}
 
 
@@ -398,10 +416,13 @@ def test_pickle_message_is_never_deserialised(audited: dict[str, Any], tmp_path:
     probe = tmp_path / "probe"
     pickle.loads(pickle.dumps(_TouchOnUnpickle(probe)))
     assert probe.exists()
-    # the worker refused it before loading it: no marker, no row, and it went on
+    # the worker refused it before loading it: no marker, no row, a dead letter with its
+    # bytes (never loaded), and it went on
     assert not audited["marker"].exists()
     assert "pickled" not in {r["inspection_id"] for r in audited["all_rows"]}
-    assert "Refusing to deserialize untrusted content of type pickle" in audited["log"]
+    assert PICKLE_REFUSED in audited["log"]
+    letter = next(d for d in audited["dead_letters"] if PICKLE_REFUSED in d["reason"])
+    assert letter["stage"] == "envelope" and letter["raw"].startswith(b"\x80")  # pickle bytes
     assert audited["rows"]["after-pickle"]["status"] == "done"
 
 

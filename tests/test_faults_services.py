@@ -150,6 +150,16 @@ class TcpProxy:
                 c.shutdown(socket.SHUT_RDWR)
             c.close()
 
+    def drop(self) -> None:
+        """Close every open connection but keep listening, as Redis's ``CLIENT KILL`` or a
+        broker restarting behind a load balancer does: clients can reconnect at once."""
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for c in conns:
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
+            c.close()
+
     def close(self) -> None:
         self._closed = True
         self.cut()

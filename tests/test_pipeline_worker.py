@@ -115,7 +115,7 @@ def test_hostile_input_becomes_error_rows(
         _msg("h-symlink", "escape.png"),
         {**_msg("h-badscore", good[1].name), "score": 7.5},
         {**_msg("h-sha", good[1].name), "image_sha256": "0" * 64},
-        {"no_id": True},  # nothing to record it under: logged and acknowledged
+        {"no_id": True},  # nothing to record it under: a dead letter, acknowledged
         _msg("h-good-1", good[1].name),
         _msg("h-defect", good[2].name, prediction="defect"),
         _msg("h-good-0", good[0].name),  # the line sent it twice: still one row
@@ -127,9 +127,9 @@ def test_hostile_input_becomes_error_rows(
     try:
         wait_ready([w])
         rows = {r["inspection_id"]: r for r in wait_rows(migrated_sqlite_url, ids, [w], timeout=60)}
-        # the message without an id is acknowledged, not redelivered forever
+        # the message without an id is a dead letter, acknowledged, not redelivered forever
         deadline = time.monotonic() + 10
-        while "dropping message" not in w.text() and time.monotonic() < deadline:
+        while "recording it as a dead letter" not in w.text() and time.monotonic() < deadline:
             time.sleep(0.2)
         # the second copy of h-good-0 is counted on its row, not written as another row
         while audit_rows(migrated_sqlite_url, ["h-good-0"])[0]["duplicate_count"] != 1:
@@ -156,7 +156,14 @@ def test_hostile_input_becomes_error_rows(
     cheap = rows["h-defect"]
     assert cheap["status"] == "done" and cheap["p_defect"] is not None
     assert cheap["iou_gap"] is None and cheap["suspected_false_negative"] is False
-    assert "dropping message" in w.text()
+    assert "has no inspection_id (nothing to record it under); recording it as a dead letter" in (
+        w.text()
+    )
+    from db.repository import dead_letter_count
+    from db.session import session_scope
+
+    with session_scope(migrated_sqlite_url) as s:
+        assert dead_letter_count(s) == 1
     assert w.proc.returncode is not None
 
 
@@ -164,13 +171,14 @@ def test_lost_worker_requeues_and_cap_gives_up(
     tmp_path: Path, migrated_pg_url: str, queue_settings: Settings
 ) -> None:
     """Kill the pool process while it waits to write: the batch is redelivered and scored
-    once more; an inspection lost more than ``max_redeliveries`` times gets an error row."""
+    once more. That death came after scoring, so it is charged to nobody; an inspection whose
+    attempts never finished more than ``max_redeliveries`` times gets an error row."""
     import os
     import signal
 
     import sqlalchemy as sa
 
-    from db.deliveries import delivery_attempts, record_deliveries
+    from db.deliveries import attempt_state, start_attempt
     from db.models import DeliveryAttempt
     from db.session import make_engine, session_scope
     from producer.api import enqueue_many, reset_apps
@@ -180,12 +188,13 @@ def test_lost_worker_requeues_and_cap_gives_up(
     ckpt = tiny_checkpoint(tmp_path, size=(48, 48))
     version = load_checkpoint(ckpt).model_version
     method = "iou_gap_adv"
-    # "lost-b" was lost twice before this test, each time while being worked on (its count
-    # says so). Here it is only a batch-mate of the image being written when the process dies,
-    # which does not count against it: it reaches the cap on its next delivery, when it is
-    # counted again.
+    # "lost-b" was lost before this test: its first attempt never finished, and its second is
+    # still open. Here it waits its turn (a suspect is scored alone, after its batch-mates)
+    # when the process dies while writing lost-a's row, which does not count against it: on
+    # its next delivery its open second attempt is charged, 2 > max_redeliveries.
     with session_scope(migrated_pg_url) as s:
-        record_deliveries(s, [("lost-b", version, method)] * 2)
+        start_attempt(s, ("lost-b", version, method))
+        start_attempt(s, ("lost-b", version, method))
     env = _env(
         tmp_path,
         queue_settings,
@@ -251,7 +260,9 @@ def test_lost_worker_requeues_and_cap_gives_up(
     assert b["error"] == "worker lost 2 times while scoring this image; giving up"
     assert len(audit_rows(migrated_pg_url, ids)) == 2
     with session_scope(migrated_pg_url) as s:
-        assert delivery_attempts(s, ("lost-a", version, method)) == 2
+        a_state = attempt_state(s, ("lost-a", version, method))
+    # two attempts on lost-a; the first had finished scoring when its process died: not lost
+    assert (a_state.attempts, a_state.open_attempt, a_state.lost) == (2, None, 0)
 
 
 def test_database_fault_is_retried(

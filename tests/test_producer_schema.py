@@ -129,3 +129,44 @@ def test_frozen_and_utc_default_serialisation() -> None:
     with pytest.raises(Exception):  # noqa: B017 - pydantic's frozen-instance error
         m.score = 0.5  # type: ignore[misc]
     assert parse_message(m.to_json_dict()).captured_at == datetime(2024, 1, 1, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [
+        ("model_version", "v1\x00", "contains a NUL character at position 2"),
+        ("image_path", "a\x00.png", "contains a NUL character at position 1"),
+        ("line", "L\x00", "contains a NUL character at position 1"),
+        ("station", "S\ud800", "contains an unpaired surrogate U+D800 at position 1"),
+        ("model_version", json.loads('"\\udc80v"'), "contains an unpaired surrogate U+DC80"),
+        ("image_path", "img-\udfff.png", "contains an unpaired surrogate U+DFFF at position 4"),
+    ],
+)
+def test_text_a_database_cannot_store_is_refused_naming_the_field(
+    field: str, value: str, words: str
+) -> None:
+    """Refused where the message is parsed, naming the field, not later by PostgreSQL (which
+    refuses NUL in text, and cannot encode an unpaired surrogate) when the row is written."""
+    with pytest.raises(MessageError) as ei:
+        parse_message(
+            json.loads(json.dumps({**_msg(), "captured_at": "2024-06-01T08:00:00Z"}))
+            | {field: value}
+        )
+    assert ei.value.field == field and words in ei.value.reason, str(ei.value)
+    text = str(ei.value)
+    assert "\x00" not in text and not any("\ud800" <= c <= "\udfff" for c in text)
+    text.encode("utf-8")  # the error itself can be stored and printed
+
+
+def test_an_over_long_inspection_id_is_not_repeated_whole() -> None:
+    from producer.api import enqueue
+
+    long_id = "A" * 10_000
+    with pytest.raises(MessageError) as ei:
+        enqueue(long_id, b"\x89PNG", "ok", 0.1, line="L", station="S")
+    text = str(ei.value)
+    assert "inspection_id: String should have at most 128 characters" in text
+    assert "(10000 characters)" in text and len(text) < 300, text
+    with pytest.raises(MessageError) as ei2:
+        parse_message({**_msg(), "inspection_id": long_id})
+    assert len(str(ei2.value)) < 300

@@ -98,19 +98,42 @@ def test_backoff_is_capped(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(d) == 10 and max(d) <= 3.0 and d[-1] >= 1.5
 
 
-# --- delivery counter -------------------------------------------------------------------------------
-def test_delivery_counter(migrated_url: str) -> None:
-    from db.deliveries import delivery_attempts, done_keys, record_deliveries
+# --- attempts (the redelivery cap) -------------------------------------------------------------------
+def test_attempts_charge_only_the_ones_that_never_finished(migrated_url: str) -> None:
+    """Hand-computed: an attempt started and finished is not charged to the next one; an
+    attempt left open is (once); an attempt a message says finished is not; a late finish of
+    an attempt that is no longer the open one changes nothing."""
+    from db.deliveries import attempt_state, done_keys, finish_attempts, start_attempt
     from db.repository import upsert_audit, upsert_inspection
     from db.rows import AuditRow, InspectionRow
     from db.session import session_scope
 
     a, b = ("i-1", "v1", "iou_gap_adv"), ("i-2", "v1", "iou_gap_adv")
     with session_scope(migrated_url) as s:
-        assert record_deliveries(s, [a, b], "host:1") == {a: 1, b: 1}
+        assert attempt_state(s, a).unfinished() is False
+        assert start_attempt(s, a, "host:1") == start_attempt(s, b, "host:1")
+        assert (start_attempt(s, ("x", "v", "m")).number, attempt_state(s, a).open_attempt) == (
+            1,
+            1,
+        )
+        finish_attempts(s, [(a, 1)])  # a came through its risky part; b's process "died"
     with session_scope(migrated_url) as s:
-        assert record_deliveries(s, [a], "host:2") == {a: 2}
-        assert delivery_attempts(s, a) == 2 and delivery_attempts(s, ("x", "v", "m")) == 0
+        assert attempt_state(s, a).unfinished() is False and attempt_state(s, b).unfinished()
+        two_a, two_b = start_attempt(s, a, "host:2"), start_attempt(s, b, "host:2")
+        assert (two_a.number, two_a.lost) == (2, 0)  # a finished: not charged
+        assert (two_b.number, two_b.lost) == (2, 1)  # b's first attempt never finished
+        finish_attempts(s, [(b, 1)])  # a late finish of an attempt that is not open: no-op
+        assert attempt_state(s, b).open_attempt == 2
+    with session_scope(migrated_url) as s:
+        # b's 2nd attempt ended without being recorded finished, but its message says so
+        assert attempt_state(s, b).unfinished(finished=2) is False
+        three_b = start_attempt(s, b, "host:3", finished=2)
+        assert (three_b.number, three_b.lost) == (3, 1)
+        # a message naming another attempt does not excuse the open one
+        four_b = start_attempt(s, b, "host:3", finished=2)
+        assert (four_b.number, four_b.lost) == (4, 2)
+        state = attempt_state(s, b)
+        assert (state.attempts, state.open_attempt, state.lost) == (4, 4, 2)
         assert done_keys(s, [a, b]) == set()
         upsert_inspection(
             s,
@@ -128,9 +151,9 @@ def test_delivery_counter(migrated_url: str) -> None:
     with session_scope(migrated_url) as s:
         assert done_keys(s, [a, b]) == {a}
         last = s.execute(
-            sa.text("SELECT last_worker FROM delivery_attempts WHERE inspection_id = 'i-1'")
+            sa.text("SELECT last_worker FROM delivery_attempts WHERE inspection_id = 'i-2'")
         ).scalar_one()
-        assert last == "host:2"
+        assert last == "host:3"
 
 
 # --- runtime ------------------------------------------------------------------------------------------

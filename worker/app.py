@@ -40,11 +40,69 @@ def restore_options(visibility_timeout_s: int) -> dict[str, Any]:
     return {"unacked_restore_interval": interval, "unacked_restore_throttle": 1}
 
 
+def is_redis(url: str) -> bool:
+    """A Redis broker URL (``redis://``, ``rediss://``, ``redis+socket://``)."""
+    return url.startswith(("redis://", "rediss://", "redis+socket://"))
+
+
+def is_amqp(url: str) -> bool:
+    """A RabbitMQ broker URL (``amqp://``, ``amqps://``, ``pyamqp://``)."""
+    return url.startswith(("amqp://", "amqps://", "pyamqp://"))
+
+
+def dead_letter_queue(settings: Settings) -> str:
+    """The queue RabbitMQ dead-letters the audit queue's messages to (``<queue>.dead-letter``)."""
+    return f"{settings.queue}.dead-letter"
+
+
+def consumed_queues(settings: Settings) -> list[str]:
+    """The queues a worker consumes: the audit queue, and on RabbitMQ its dead-letter queue
+    too (what the broker dead-letters is recorded by a worker, like any malformed message)."""
+    if is_amqp(settings.resolved_broker_url):
+        return [settings.queue, dead_letter_queue(settings)]
+    return [settings.queue]
+
+
+def rabbitmq_queues(settings: Settings) -> list[Any]:
+    """The audit queue and its dead-letter queue as RabbitMQ quorum queues (kombu ``Queue``).
+
+    The audit queue: ``x-queue-type: quorum`` (replicated, durable, at-least-once),
+    ``x-delivery-limit`` = ``settings.rabbitmq_delivery_limit`` (a message returned to the
+    queue more often is dead-lettered: the broker's own answer to a message that keeps killing
+    whoever holds it), dead-lettered through the default exchange to
+    :func:`dead_letter_queue`, itself a quorum queue that the workers consume.
+    """
+    from kombu import Exchange, Queue
+
+    dlq = dead_letter_queue(settings)
+    return [
+        Queue(
+            settings.queue,
+            Exchange(settings.queue, type="direct", durable=True),
+            routing_key=settings.queue,
+            durable=True,
+            queue_arguments={
+                "x-queue-type": "quorum",
+                "x-delivery-limit": settings.rabbitmq_delivery_limit,
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": dlq,
+            },
+        ),
+        Queue(
+            dlq,
+            Exchange(dlq, type="direct", durable=True),
+            routing_key=dlq,
+            durable=True,
+            queue_arguments={"x-queue-type": "quorum"},
+        ),
+    ]
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     """The Celery configuration for ``settings`` (a plain dict, easy to test)."""
     url = settings.resolved_broker_url
     transport: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout_s}
-    if url.startswith(("redis://", "rediss://", "redis+socket://")):
+    if is_redis(url):
         transport.update(restore_options(settings.visibility_timeout_s))
     if url.startswith("filesystem://"):
         folder = settings.broker_folder
@@ -57,7 +115,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             control_folder=str(folder / "control"),
             store_processed=False,
         )
+    queues: dict[str, Any] = {}
+    if is_amqp(url):
+        queues["task_queues"] = rabbitmq_queues(settings)
     return {
+        **queues,
         "broker_url": url,
         "task_serializer": "json",
         "result_serializer": "json",
@@ -96,6 +158,22 @@ def create_app(settings: Settings, *, worker: bool = True) -> Celery:
     return app
 
 
+def worker_config(settings: Settings) -> dict[str, Any]:
+    """What a worker adds to :func:`celery_config`: its consumer
+    (:class:`worker.consumer.AuditConsumer`, which takes malformed messages off the queue and
+    records them) and, for Redis and the filesystem broker, kombu's transport reading entries
+    safely (:mod:`worker.transport`)."""
+    from worker.consumer import consumer_class
+
+    extra: dict[str, Any] = {"worker_consumer": consumer_class(settings)}
+    url = settings.resolved_broker_url
+    if url.startswith(("redis://", "rediss://")):
+        extra["broker_transport"] = "worker.transport:Transport"
+    elif url.startswith("filesystem://"):
+        extra["broker_transport"] = "worker.transport:FilesystemTransport"
+    return extra
+
+
 def _register_worker(app: Celery, settings: Settings) -> None:
     import os
 
@@ -105,6 +183,7 @@ def _register_worker(app: Celery, settings: Settings) -> None:
     from worker.acks import AuditBatches
 
     batch.MAIN_PID = os.getpid()  # the pool processes, forked later, inherit it
+    app.conf.update(worker_config(settings))
 
     @app.task(
         base=AuditBatches,

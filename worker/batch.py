@@ -8,17 +8,19 @@ them, scores them in one engine call and writes their rows in one transaction.
 Acknowledgement per outcome is :mod:`worker.acks`'s (the pool process returns which
 requests to put back).
 
-Redelivery cap (docs/design.md §7): requeueing has no limit, so every delivery during which an image
-is *at risk* (decoded and scored) is counted in ``delivery_attempts`` (:mod:`db.deliveries`), in
-its own committed transaction, before the risk: a fresh image (never counted before) when its
-batch is received, a redelivered image only when its own turn comes. Redelivered images are
-decoded, scored and written one at a time, after the fresh ones are committed. So a count grows
-only while its own image was being worked on: an image that kills its process cannot take its
+Redelivery cap (docs/design.md §7): requeueing has no limit, so every *attempt* on an image, the
+risky part (decoding and scoring), is recorded in ``delivery_attempts`` (:mod:`db.deliveries`):
+started in its own committed transaction before the risk, finished in another right after it.
+An image whose previous attempt is still open when it comes back was being worked on when its
+process died: it is a *suspect*, decoded, scored and written alone, after the others are
+committed, and only then is that lost attempt charged to it. A delivery whose previous attempt
+finished (a requeue after a database outage, a dropped broker connection, a warm shutdown) is
+not charged: it is scored with its batch. So an image that kills its process cannot take its
 batch-mates down with it more than once, nor drag them to the cap (counting every image of a
 lost batch at receipt did: a batch-mate queued behind the killer went down with it at every
-redelivery and got the killer's error row). An inspection lost more than
-``Settings.max_redeliveries`` times gets an ``error`` row "worker lost N times while scoring
-this image; giving up".
+redelivery and got the killer's error row), and healthy images are not condemned by requeues
+that were not deaths. An inspection lost more than ``Settings.max_redeliveries`` times gets an
+``error`` row "worker lost N times while scoring this image; giving up".
 
 One failure never loses the others: a bad message, an unreadable or hostile image and a scoring
 failure each become an ``error`` row for that image only; database faults
@@ -33,11 +35,11 @@ import base64
 import contextlib
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import re
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 from db.rows import AuditRow, InspectionRow
 from inspection_audit.settings import Settings
+from worker.acks import FINISHED_ATTEMPT_HEADER
 from worker.retry import DatabaseUnavailable, one_line, with_db_retries
 from worker.rows import (
     Key,
@@ -77,8 +80,11 @@ class Item:
     msg: InspectionMessage | None = None
     inspection: InspectionRow | None = None
     key: Key | None = None
-    attempts: int = 1
-    redelivered: bool = False  # counted before: decoded, counted and scored alone (see run)
+    attempts: int = 1  # the delivery_count its row gets: this attempt's number
+    attempt: int | None = None  # the attempt started on it (db.deliveries), if any
+    closed: bool = False  # that attempt is recorded finished
+    finished_before: int | None = None  # the message says this earlier attempt finished
+    suspect: bool = False  # its previous attempt never finished: scored alone (see run)
     duplicate: bool = False  # its row is already there and done: only count the delivery
     duplicate_of: Item | None = None  # the same key earlier in this batch
     error: str | None = None
@@ -94,6 +100,13 @@ class _BadCall:
     reason: str
 
 
+def _finished_attempt(req: Any) -> int | None:
+    """The attempt number a requeued copy says finished (:data:`FINISHED_ATTEMPT_HEADER`)."""
+    headers = getattr(req, "request_dict", None) or {}
+    value = headers.get(FINISHED_ATTEMPT_HEADER) if isinstance(headers, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 def _payload_of(req: Any) -> Any:
     args, kwargs = list(req.args or ()), dict(req.kwargs or {})
     if len(args) == 1 and not kwargs:
@@ -103,6 +116,16 @@ def _payload_of(req: Any) -> Any:
     return _BadCall(
         f"the audit task takes one message (got {len(args)} args, kwargs {sorted(kwargs)})"
     )
+
+
+def _raw_payload(payload: Any) -> bytes:
+    """A dropped payload as bytes for its dead letter (JSON when it can be)."""
+    if isinstance(payload, _BadCall):
+        return b""
+    try:
+        return json.dumps(payload, default=repr).encode("utf-8", "backslashreplace")
+    except (TypeError, ValueError):
+        return repr(payload).encode("utf-8", "backslashreplace")
 
 
 def image_limits(s: Settings) -> ImageLimits:
@@ -152,12 +175,14 @@ def fault_hook() -> Callable[[Iterable[str]], contextlib.AbstractContextManager[
     """The test-only fault hook when its environment variable is set, else a no-op.
 
     :mod:`worker.faults` is imported only when ``INSPECTION_AUDIT_TEST_FAULT_KILL_IN_ATTACK``
-    is set; production never loads it.
+    or ``INSPECTION_AUDIT_TEST_FAULT_HOLD_IN_ATTACK`` is set; production never loads it.
     """
-    if os.environ.get("INSPECTION_AUDIT_TEST_FAULT_KILL_IN_ATTACK"):
-        from worker.faults import kill_in_attack
+    if os.environ.get("INSPECTION_AUDIT_TEST_FAULT_KILL_IN_ATTACK") or os.environ.get(
+        "INSPECTION_AUDIT_TEST_FAULT_HOLD_IN_ATTACK"
+    ):
+        from worker.faults import any_fault
 
-        return kill_in_attack
+        return any_fault
     return lambda _ids: contextlib.nullcontext()
 
 
@@ -171,7 +196,10 @@ class Batch:
         self.s = s
         self.t0 = time.perf_counter()
         self.host = worker_host()
-        self.items = [Item(req.id, _payload_of(req)) for req in requests]
+        self.items = [
+            Item(req.id, _payload_of(req), finished_before=_finished_attempt(req))
+            for req in requests
+        ]
         self.dropped: list[Item] = []
         self.fault_hook = fault_hook()
 
@@ -183,7 +211,8 @@ class Batch:
         seen: dict[Key, Item] = {}
         for it in self.items:
             if isinstance(it.payload, _BadCall):
-                log.error("dropping request %s: %s", it.request_id, it.payload.reason)
+                it.error = it.payload.reason
+                log.error("dropping request %s: %s", it.request_id, it.error)
                 self.dropped.append(it)
                 continue
             try:
@@ -203,11 +232,8 @@ class Batch:
             except MessageError as exc:
                 iid = exc.inspection_id or ""
                 if not _ID_RE.match(iid) or len(iid) > 128:
-                    log.error(
-                        "dropping message %s: %s (no usable inspection_id to record it under)",
-                        it.request_id,
-                        exc,
-                    )
+                    it.error = f"{exc} (no usable inspection_id to record it under)"
+                    log.error("dropping message %s: %s", it.request_id, it.error)
                     self.dropped.append(it)
                     continue
                 it.error = str(exc)
@@ -219,64 +245,106 @@ class Batch:
             keep.append(it)
         self.items = keep
 
-    # 2. count deliveries (own transaction, committed before any scoring) ------------------
+    # 2. start attempts (own transaction, committed before any scoring) --------------------
     def count_deliveries(self) -> None:
-        """Count fresh images now (their batch is at risk); redelivered ones wait their turn."""
-        from db.deliveries import delivery_attempts, done_keys, record_deliveries
+        """Start an attempt on each image at risk now, in one committed transaction; an image
+        whose previous attempt never finished is a suspect and waits for its own turn
+        (:meth:`score_alone`). Images already done, and messages already known to be errors,
+        are not at risk: nothing is started for them."""
+        from db.deliveries import AttemptState, attempt_state, done_keys, start_attempt
         from db.session import session_scope
 
-        keys = [it.key for it in self.items if it.key is not None]
-        if not keys:
+        firsts = [it for it in self.items if it.key is not None and it.duplicate_of is None]
+        if not firsts:
             return
 
-        def tx() -> tuple[dict[Key, int], dict[Key, int], set[Key]]:
+        def tx() -> tuple[set[Key], dict[Key, AttemptState], dict[Key, int]]:
             with session_scope(self.s.resolved_database_url) as session:
-                before = {k: delivery_attempts(session, k) for k in set(keys)}
-                fresh = [k for k in keys if before[k] == 0]
-                counts = record_deliveries(session, fresh, self.host)
-                done = done_keys(session, keys)
-            return before, counts, done
+                done = done_keys(session, [it.key for it in firsts if it.key is not None])
+                states: dict[Key, AttemptState] = {}
+                started: dict[Key, int] = {}
+                for it in firsts:
+                    assert it.key is not None
+                    state = states[it.key] = attempt_state(session, it.key)
+                    if (
+                        it.error is None
+                        and it.key not in done
+                        and not state.unfinished(it.finished_before)
+                    ):
+                        attempt = start_attempt(session, it.key, self.host, it.finished_before)
+                        started[it.key] = attempt.number
+            return done, states, started
 
-        before, counts, done = with_db_retries(tx, "counting deliveries", self.s)
-        occurrences = Counter(keys)
+        done, states, started = with_db_retries(tx, "counting deliveries", self.s)
         for it in self.items:
             assert it.key is not None
-            if before[it.key] > 0:
-                # Counted when its turn comes (score_alone); until then, the tentative count.
-                it.redelivered = True
-                it.attempts = before[it.key] + 1
-            elif it.duplicate_of is not None:
-                it.attempts = counts.get(it.key, 1)
-            else:
-                # Copies of this message in the same batch are not earlier lost deliveries.
-                it.attempts = counts.get(it.key, 1) - (occurrences[it.key] - 1)
-            if it.duplicate_of is None and it.key in done:
+            if it.key in started:
+                it.attempts = started[it.key]
+                if it.duplicate_of is None:
+                    it.attempt = started[it.key]
+                continue
+            state = states[it.key]
+            it.attempts = state.attempts + 1  # tentative: nothing was started for it
+            if it.duplicate_of is not None:
+                continue
+            if it.key in done:
                 it.duplicate = True
+            elif it.error is None and state.unfinished(it.finished_before):
+                it.suspect = True
+
+    def finish_attempts(self, items: list[Item]) -> None:
+        """Record the attempts on ``items`` finished (their process came through decoding and
+        scoring), in one committed transaction."""
+        from db.deliveries import finish_attempts
+        from db.session import session_scope
+
+        open_ = [it for it in items if it.attempt is not None and not it.closed]
+        if not open_:
+            return
+        pairs = [(it.key, it.attempt) for it in open_ if it.key is not None and it.attempt]
+
+        def tx() -> None:
+            with session_scope(self.s.resolved_database_url) as session:
+                finish_attempts(session, pairs)
+
+        with_db_retries(tx, f"finishing {len(pairs)} attempt(s)", self.s)
+        for it in open_:
+            it.closed = True
 
     def score_alone(self, it: Item) -> None:
-        """A redelivered image: count this delivery (committed), apply the cap, else decode and
-        score it on its own, then write its row."""
-        from db.deliveries import record_deliveries
+        """A suspect: start its attempt (committed; the lost one is charged now, unless it
+        finished meanwhile), apply the cap, else decode and score it on its own, then finish
+        the attempt and write its row."""
+        from db.deliveries import Attempt, done_keys, start_attempt
         from db.session import session_scope
 
         assert it.key is not None
         key = it.key
 
-        def tx() -> int:
+        def tx() -> Attempt | None:
             with session_scope(self.s.resolved_database_url) as session:
-                return record_deliveries(session, [key], self.host)[key]
+                if done_keys(session, [key]):
+                    return None  # its earlier attempt finished and wrote the row meanwhile
+                return start_attempt(session, key, self.host, it.finished_before)
 
-        it.attempts = with_db_retries(tx, "counting a redelivery", self.s)
-        lost = it.attempts - 1
-        log.info("%s: delivered %d time(s) before; working on it alone", key[0], lost)
-        if lost > self.s.max_redeliveries:
-            it.error = f"worker lost {lost} times while scoring this image; giving up"
+        started = with_db_retries(tx, "counting a redelivery", self.s)
+        if started is None:
+            it.duplicate = True
+            self.write(self.rows_to_write([it]))
+            return
+        it.attempt = it.attempts = started.number
+        log.info(
+            "%s: %d earlier attempt(s) never finished; working on it alone", key[0], started.lost
+        )
+        if started.lost > self.s.max_redeliveries:
+            it.error = f"worker lost {started.lost} times while scoring this image; giving up"
             log.error("%s: %s", key[0], it.error)
         else:
             self.decode([it])
             self.score_cheap([it])
             if self._is_ready(it):
                 self.score_full([it])
+        self.finish_attempts([it])
         self.write(self.rows_to_write([it]))
 
     # 3. decode ----------------------------------------------------------------------------
@@ -518,6 +586,39 @@ class Batch:
             )
             it.written = True  # acknowledged: redelivering cannot help
 
+    def record_dropped(self) -> None:
+        """Record each dropped message (no usable ``inspection_id``) as a dead letter.
+
+        The worker's consumer takes such messages off the queue before they reach a batch
+        (:mod:`worker.consumer`); this is the same record for any that still get here.
+        """
+        from db.dead_letters import DeadLetterRow, record_dead_letter
+        from db.session import session_scope
+
+        pending = [it for it in self.dropped if not it.written]
+        if not pending:
+            return
+        rows = [
+            DeadLetterRow(
+                stage="envelope" if isinstance(it.payload, _BadCall) else "message",
+                reason=it.error or "dropped",
+                raw=_raw_payload(it.payload),
+                task_id=it.request_id,
+                queue=self.s.queue,
+                worker_host=self.host,
+            )
+            for it in pending
+        ]
+
+        def tx() -> None:
+            with session_scope(self.s.resolved_database_url) as session:
+                for row in rows:
+                    record_dead_letter(session, row)
+
+        with_db_retries(tx, f"recording {len(rows)} dead letter(s)", self.s)
+        for it in pending:
+            it.written = True
+
     # the whole thing -------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         try:
@@ -528,7 +629,7 @@ class Batch:
             later = [
                 it
                 for it in self.items
-                if it.redelivered
+                if it.suspect
                 and it.error is None
                 and not it.duplicate
                 and it.duplicate_of is None
@@ -540,11 +641,13 @@ class Batch:
             ready = [it for it in fresh if self._is_ready(it)]
             for i in range(0, len(ready), max(1, self.s.batch_size)):
                 self.score_full(ready[i : i + self.s.batch_size])
+            self.finish_attempts(fresh)
             copies = [it for it in self.items if it.duplicate_of is not None]
             self.write(self.rows_to_write([it for it in fresh if it.duplicate_of is None]))
             for it in later:
                 self.score_alone(it)
             self.write(self.rows_to_write(copies))
+            self.record_dropped()
         except DatabaseUnavailable as exc:
             log.error("%s; requeueing the messages whose rows are not written", exc)
         except Exception:
@@ -552,7 +655,15 @@ class Batch:
             # the delivery counter. Put the messages back after a pause, the cap still applies.
             log.exception("batch failed; requeueing the messages whose rows are not written")
             time.sleep(min(5.0, float(self.s.retry_backoff_max_s)))
-        requeue = [it.request_id for it in self.items if not it.written]
+        unwritten = [it for it in self.items + self.dropped if not it.written]
+        requeue = list(dict.fromkeys(it.request_id for it in unwritten))
+        # Attempts that ended here without being recorded finished (the database went down):
+        # the requeued copy says so (worker.acks.requeue_copy), so they are not charged.
+        finished = {
+            it.request_id: it.attempt
+            for it in unwritten
+            if it.attempt is not None and not it.closed
+        }
         dups = [it for it in self.items if it.duplicate or it.duplicate_of is not None]
         fresh = [
             it for it in self.items if it.written and it.row and all(it is not d for d in dups)
@@ -568,7 +679,11 @@ class Batch:
             len(requeue),
             (time.perf_counter() - self.t0) * 1000.0,
         )
-        return {"requeue": requeue, "written": len(self.items) - len(requeue)}
+        return {
+            "requeue": requeue,
+            "finished": finished,
+            "written": sum(1 for it in self.items if it.written),
+        }
 
 
 def process_requests(requests: Iterable[Any], s: Settings) -> dict[str, Any]:
@@ -584,7 +699,7 @@ def process_requests(requests: Iterable[Any], s: Settings) -> dict[str, Any]:
         rt = get_runtime(s)
     except RuntimeConfigError as exc:
         request_worker_shutdown(f"cannot load the model in pool process {os.getpid()}: {exc}")
-        return {"requeue": [r.id for r in requests], "written": 0}
+        return {"requeue": [r.id for r in requests], "finished": {}, "written": 0}
     return Batch(requests, rt, s).run()
 
 

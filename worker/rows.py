@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from db.rows import AuditRow, InspectionRow
+from db.rows import AuditRow, InspectionRow, storable_text, text_problem
 
 if TYPE_CHECKING:
     from producer.schema import InspectionMessage
@@ -65,10 +65,14 @@ def placeholder_inspection(payload: Any, inspection_id: str) -> InspectionRow:
                 captured = parsed
         except ValueError:
             pass
-    ref = p.get("image_path") if isinstance(p.get("image_path"), str) else "<inline>"
+    path = p.get("image_path")
+    ref = path if isinstance(path, str) else "<inline>"
+    if text_problem(ref) is not None:
+        ref = "<not storable>"
 
     def short(v: Any) -> str | None:
-        return v[:64] if isinstance(v, str) and v.strip() else None
+        ok = isinstance(v, str) and v.strip() and text_problem(v) is None
+        return v[:64] if ok else None
 
     return InspectionRow(
         inspection_id=inspection_id,
@@ -91,11 +95,11 @@ def error_row(
     params: Mapping[str, Any],
     decode_ms: float | None = None,
 ) -> AuditRow:
-    """An ``error`` row saying why the image could not be scored."""
+    """An ``error`` row saying why the image could not be scored (text made storable)."""
     return AuditRow(
         *key,
         status="error",
-        error=message,
+        error=storable_text(message),
         worker_host=host,
         delivery_count=delivery_count,
         decode_ms=decode_ms,

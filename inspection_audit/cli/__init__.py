@@ -7,6 +7,7 @@ module         commands
 ``db``         ``db upgrade | downgrade | current`` (migrations, as their own step)
 ``review``     ``review``, ``review verdict``
 ``enqueue``    ``enqueue`` (the producer, from a shell)
+``reconcile``  ``reconcile`` (resend what a broker lost: the producer's outbox)
 ``worker``     ``worker`` (a Celery worker built from one ``Settings``)
 ``demo``       ``demo`` (the whole pipeline on the embedded default)
 =============  ==========================================================================
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import click
 
-from inspection_audit.cli import db, demo, enqueue, lab, review, worker
+from inspection_audit.cli import db, demo, enqueue, lab, reconcile, review, worker
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -33,6 +34,7 @@ COMMANDS: tuple[click.Command, ...] = (
     db.db_group,
     review.review,
     enqueue.enqueue,
+    reconcile.reconcile,
     worker.worker,
     demo.demo,
 )

@@ -174,14 +174,14 @@ def worker(
 
     from celery.utils.nodenames import default_nodename, host_format
 
-    from worker.app import create_app
+    from worker.app import consumed_queues, create_app
 
     app = create_app(settings)
     w = app.Worker(
         hostname=host_format(default_nodename(hostname)),
         pool_cls=pool,
         concurrency=n,
-        queues=queues or settings.queue,
+        queues=queues or ",".join(consumed_queues(settings)),
         loglevel=level,
         optimization="fair",
         without_gossip=True,
