@@ -9,6 +9,9 @@ module         commands
 ``enqueue``    ``enqueue`` (the producer, from a shell)
 ``worker``     ``worker`` (a Celery worker built from one ``Settings``)
 ``demo``       ``demo`` (the whole pipeline on the embedded default)
+``web``        ``serve`` (the review station), ``web hash-password | add-user | add-token``
+``export``     ``export`` (reviewed inspections as a dataset for ``train``)
+``health``     ``health`` (exit non-zero when inspections wait and nothing is written)
 =============  ==========================================================================
 """
 
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import click
 
-from inspection_audit.cli import db, demo, enqueue, lab, review, worker
+from inspection_audit.cli import db, demo, enqueue, export, health, lab, review, web, worker
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -34,6 +37,10 @@ COMMANDS: tuple[click.Command, ...] = (
     enqueue.enqueue,
     worker.worker,
     demo.demo,
+    web.serve,
+    web.web_group,
+    export.export,
+    health.health,
 )
 for _command in COMMANDS:
     main.add_command(_command)

@@ -143,8 +143,36 @@ def demo(
     finally:
         stop_workers(procs)
         dispose_engines()
-    # 6. what the audit caught
+    # 6. what the audit caught, and where to review it
     _report(url, prefix, version, method, labels, predictions, show, review_queue, session_scope)
+    _how_to_review(settings, root)
+
+
+def _how_to_review(settings: Any, image_root: Path) -> None:
+    """Tell the user how to open the review page on the results just written."""
+    import shlex
+    import sys
+
+    from inspection_audit.web.auth import AccountsError, load_accounts, users_file
+
+    exe = Path(sys.argv[0])
+    cmd = os.path.relpath(exe) if exe.name == "inspection-audit" else "inspection-audit"
+    if len(cmd) > len(str(exe)):
+        cmd = str(exe)
+    try:
+        has_users = bool(load_accounts(settings).users)
+    except AccountsError:
+        has_users = False
+    out = wide_console()
+    out.print("[bold]Review these results in a browser:[/]")
+    if not has_users:
+        out.print(
+            f"  {cmd} web add-user reviewer        # once: asks for a password, kept hashed in "
+            f"{users_file(settings)}"
+        )
+    root = shlex.quote(str(image_root))
+    out.print(f"  INSPECTION_AUDIT_IMAGE_ROOTS={root} {cmd} serve")
+    out.print("  then open http://127.0.0.1:8000/queue?line=demo and log in")
 
 
 def _count_rows(url: str, prefix: str, version: str, method: str) -> int:
