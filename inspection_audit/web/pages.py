@@ -138,6 +138,7 @@ def queue(
         )
         choices = _choices(st, session)
     params = f.params()
+    paging = {**params, **({"size": str(size)} if size != PAGE_SIZE else {})}
     return render(
         request,
         st,
@@ -148,13 +149,13 @@ def queue(
         choices=choices,
         problem=problem,
         size=size,
-        next_url=f"/queue?{urlencode({**params, 'after': page.next.encode()})}"
+        next_url=f"/queue?{urlencode({**paging, 'after': page.next.encode()})}"
         if page.next
         else None,
-        prev_url=f"/queue?{urlencode({**params, 'before': page.prev.encode()})}"
+        prev_url=f"/queue?{urlencode({**paging, 'before': page.prev.encode()})}"
         if page.prev
         else None,
-        first_url=f"/queue?{urlencode(params)}",
+        first_url=f"/queue?{urlencode(paging)}",
         filter_qs=urlencode(params),
         here=str(request.url.path) + (f"?{request.url.query}" if request.url.query else ""),
     )
