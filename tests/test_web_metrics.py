@@ -82,7 +82,7 @@ def test_metrics_equal_the_rows(
             .where(a.status == "done")
         ).all()
     newest = {}
-    for iid, verdict, rid in sorted(reviews, key=lambda t: t[2]):
+    for iid, verdict, _rid in sorted(reviews, key=lambda t: t[2]):
         newest[iid] = verdict
     assert (done, error, flagged) == (9, 3, 5)
     assert m[("inspection_audit_audits", (("status", "done"),))] == done

@@ -245,10 +245,15 @@ def inspection_page(
         q = urlencode({**params, "audit_id": row["audit_id"]})
         return f"/inspections/{row['inspection_id']}?{q}"
 
+    ref = view.inspection["image_ref"]
+    original_url = (
+        f"/media/inspection/{inspection_id}/original" if ref and ref != "<inline>" else None
+    )
     audits = []
     for a in view.audits:
-        audits.append({**a, "score_rows": _score_rows(a), "maps": _maps(a)})
-    ref = view.inspection["image_ref"]
+        kept = ((a.get("details") or {}).get("maps") or {}).get("image")
+        image_url = f"/media/audit/{a['id']}/image" if kept else original_url
+        audits.append({**a, "score_rows": _score_rows(a), "maps": _maps(a), "image_url": image_url})
     return render(
         request,
         st,
@@ -261,9 +266,7 @@ def inspection_page(
         next_url=link(next_row),
         filters=params,
         queue_url=f"/queue?{urlencode(params)}",
-        original_url=f"/media/inspection/{inspection_id}/original"
-        if ref and ref != "<inline>"
-        else None,
+        original_url=original_url,
         problem=problem,
     )
 

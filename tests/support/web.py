@@ -63,6 +63,19 @@ def png_bytes(size: tuple[int, int] = (48, 64), seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
+def _part(n: int, size: tuple[int, int] = (170, 256)) -> tuple[np.ndarray, tuple[int, int]]:
+    """A synthetic surface (``float64[h, w]`` in [0, 1]) with a dark blob defect, and where."""
+    from tests.support.models import texture
+
+    rng = np.random.default_rng(100 + n)
+    h, w = size
+    surface = texture(rng, max(h, w))[:h, :w]
+    cy, cx = int(rng.integers(20, h - 20)), int(rng.integers(20, w - 20))
+    yy, xx = np.mgrid[0:h, 0:w]
+    blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 6.0**2))
+    return np.clip(surface - 0.3 * blob, 0, 1), (cy, cx)
+
+
 def _blob(h: int, w: int, cy: float, cx: float, r: float) -> torch.Tensor:
     yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     m = torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
@@ -112,7 +125,8 @@ def fill(
                 iid = f"{prefix}-{kind}-{k:04d}"
                 rel = f"{kind}/{iid}.png"
                 (root / rel).parent.mkdir(parents=True, exist_ok=True)
-                (root / rel).write_bytes(png_bytes((48, 72), seed=n))
+                part, (cy, cx) = _part(n)
+                Image.fromarray((part * 255).astype(np.uint8), mode="L").save(root / rel)
                 line = lines[n % len(lines)]
                 upsert_inspection(
                     session,
@@ -148,14 +162,14 @@ def fill(
                         worker_host="test:1",
                     )
                     if kind == "flagged" and maps:
-                        h, w = 96, 144
-                        image = torch.rand(1, h, w) * 0.4 + 0.3
+                        h, w = part.shape
+                        image = torch.from_numpy(part).float()[None]
                         saved = save_review_maps(
                             image,
                             {
-                                "gradcam_defect": _blob(h, w, 30 + k, 100, 10),
-                                "gradcam_ok": _blob(h, w, 70, 30, 25),
-                                "agnostic": _blob(h, w, 35, 95, 18),
+                                "gradcam_defect": _blob(h, w, cy + 3, cx - 4, 10 + k % 3),
+                                "gradcam_ok": _blob(h, w, h - cy, w - cx, 35),
+                                "agnostic": _blob(h, w, cy, cx, 18),
                             },
                             result_folder(settings, VERSION, METHOD, iid),
                             method=METHOD,
