@@ -44,14 +44,14 @@ def test_review_json(env_url: str) -> None:
 def test_review_table(env_url: str) -> None:
     _populate(env_url)
     out = invoke("review")
-    assert "review queue: 4" in out
+    assert "review queue: 4 of 4 waiting" in out
     for name in ("B", "E", "G", "A"):
         assert f" {name} " in out
 
 
 def test_review_empty(env_url: str) -> None:
     assert json.loads(invoke("review", "--json")) == []
-    assert "review queue: 0" in invoke("review")
+    assert "review queue: 0 of 0" in invoke("review")
 
 
 def test_review_verdict(env_url: str) -> None:

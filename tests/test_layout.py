@@ -66,6 +66,10 @@ def test_engine_imports_neither_celery_nor_the_lab() -> None:
         "db.repository",
         "db.deliveries",
         "db.migrate",
+        "inspection_audit.web",
+        "inspection_audit.web.app",
+        "inspection_audit.web.export",
+        "inspection_audit.web.metrics",
     ],
 )
 def test_the_service_never_imports_the_lab_or_the_cli(service: str) -> None:
