@@ -64,7 +64,14 @@ def test_config_is_valid(client: list[str]) -> None:
 def test_services(client: list[str]) -> None:
     res = _compose(client, "--profile", "gpu", "config", "--services")
     assert res.returncode == 0, res.stderr
-    assert set(res.stdout.split()) == {"redis", "postgres", "migrate", "worker", "worker-gpu"}
+    assert set(res.stdout.split()) == {
+        "redis",
+        "postgres",
+        "migrate",
+        "worker",
+        "worker-gpu",
+        "web",
+    }
 
 
 def test_password_comes_from_the_environment(client: list[str]) -> None:
@@ -84,6 +91,8 @@ def test_resolved_config(client: list[str]) -> None:
     assert "postgresql+psycopg://inspection:test-only@postgres:5432/inspection_audit" in text
     assert "driver: nvidia" in text and "gpu" in text
     assert "container_name" not in text  # `--scale worker=N` needs generated names
+    # the review station: served on 8000, health-checked, uploads inside the image root
+    assert "serve" in text and "/healthz" in text and "/images/uploads" in text
 
 
 def test_file_shape() -> None:
