@@ -110,6 +110,19 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+def read_engine(url: str) -> Any:
+    """An autocommit engine without pre-ping for single-row lookups on PostgreSQL (one round
+    trip each); SQLite shares :func:`db.session.make_engine`'s engine."""
+    import sqlalchemy as sa
+    from sqlalchemy.engine import make_url
+
+    from db.session import make_engine
+
+    if make_url(url).get_backend_name() != "postgresql":
+        return make_engine(url)
+    return sa.create_engine(url, isolation_level="AUTOCOMMIT", pool_size=4, max_overflow=8)
+
+
 def _wants_html(request: Request) -> bool:
     path = request.url.path
     if path.startswith(("/api/", "/metrics", "/openapi.json", "/media/", "/static/")):
@@ -153,6 +166,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         accounts=load_accounts(settings),
         templates=templates,
         choices_cache={},
+        read_engine=read_engine(settings.resolved_database_url),
     )
     app.add_middleware(
         SessionMiddleware,

@@ -22,6 +22,9 @@ class State:
     accounts: Accounts
     templates: Jinja2Templates
     choices_cache: dict[str, Any]
+    #: autocommit engine for the ingest's single-row lookups (PostgreSQL; on SQLite the
+    #: shared engine of :func:`db.session.make_engine`)
+    read_engine: Any = None
 
 
 def state(request: Request) -> State:

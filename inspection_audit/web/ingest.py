@@ -217,16 +217,22 @@ def _persist(upload_dir: Path, iid: str, data: bytes, suffix: str) -> Path:
 
 
 def _exists(st: State, iid: str) -> bool:
+    """Whether ``iid`` already has its inspection row: one query on the app's autocommit read
+    engine (no transaction, no pre-ping round trip; a connection the server dropped is retried
+    once)."""
     import sqlalchemy as sa
 
     from db.models import Inspection
-    from db.session import session_scope
 
-    with session_scope(st.url) as session:
-        found = session.execute(
-            sa.select(Inspection.inspection_id).where(Inspection.inspection_id == iid)
-        ).first()
-    return found is not None
+    stmt = sa.select(Inspection.inspection_id).where(Inspection.inspection_id == iid)
+    for attempt in (1, 2):
+        try:
+            with st.read_engine.connect() as conn:
+                return conn.execute(stmt).first() is not None
+        except sa.exc.DBAPIError as exc:
+            if attempt == 2 or not exc.connection_invalidated:
+                raise
+    return False
 
 
 def accept(

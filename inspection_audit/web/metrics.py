@@ -10,7 +10,7 @@ count equals the rows in the database at that moment, whichever process wrote th
 ``inspection_audit_review_queue``                  flagged rows without a verdict
 ``inspection_audit_queue_messages{queue}``         messages waiting in the broker
 ``inspection_audit_oldest_waiting_age_seconds``    now − capture time of the oldest waiting message
-``inspection_audit_capture_to_score_seconds``      histogram: audit row written − capture time
+``inspection_audit_capture_to_score_seconds``      histogram: audit row written − capture time (all rows)
 ``inspection_audit_rows_written_last_minute``      audit rows created in the last 60 s
 ``inspection_audit_last_write_age_seconds``        now − newest audit row's update time
 ``inspection_audit_up{component}``                 1 when the database / broker answered
@@ -19,7 +19,9 @@ count equals the rows in the database at that moment, whichever process wrote th
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -50,34 +52,101 @@ def _seconds_between(session: Any, later: Any, earlier: Any) -> Any:
     return (sa.func.julianday(later) - sa.func.julianday(earlier)) * 86400.0
 
 
-def database_families(session: Any, now: datetime) -> list[Metric]:
-    """The database's families (one transaction)."""
+#: Rows older than this are "settled": their part of the lag histogram is kept per process and
+#: only newer rows are read at each scrape (a worker's transaction lasts seconds, not minutes).
+SETTLE_S = 300.0
+
+
+@dataclass
+class _LagTotals:
+    cutoff: datetime | None = None  # rows created before it are in `buckets`/`count`/`total`
+    buckets: list[int] = field(default_factory=lambda: [0] * len(LAG_BUCKETS))
+    count: int = 0
+    total: float = 0.0
+
+
+_LAG_CACHE: dict[str, _LagTotals] = {}
+_LAG_LOCK = threading.Lock()
+
+
+def _lag_rows(
+    session: Any, lo: datetime | None, hi: datetime | None
+) -> tuple[list[int], int, float]:
+    """Cumulative bucket counts, count and sum of the capture-to-row lag of the audit rows
+    created in ``[lo, hi)`` (open ends: None)."""
     from db.models import Audit, Inspection, UTCDateTime
-    from inspection_audit.web.queries import QueueFilter, _latest_reviews, queue_count
 
     a = Audit.__table__.c
     i = Inspection.__table__.c
-    done, error, flagged, minute, newest = session.execute(
+    lag = _seconds_between(session, a.created_at, i.captured_at)
+    where = []
+    if lo is not None:
+        where.append(a.created_at >= sa.literal(lo, UTCDateTime()))
+    if hi is not None:
+        where.append(a.created_at < sa.literal(hi, UTCDateTime()))
+    row = session.execute(
         sa.select(
-            sa.func.count().filter(a.status == "done"),
-            sa.func.count().filter(a.status == "error"),
-            sa.func.count().filter(sa.and_(a.status == "done", a.suspected_false_negative)),
-            sa.func.count().filter(
-                a.created_at >= sa.literal(now - timedelta(seconds=60), UTCDateTime())
-            ),
-            sa.func.max(a.updated_at),
+            *[sa.func.count().filter(lag <= b) for b in LAG_BUCKETS],
+            sa.func.count(),
+            sa.func.coalesce(sa.func.sum(lag), 0.0),
         )
+        .select_from(Audit.__table__.join(Inspection.__table__, i.inspection_id == a.inspection_id))
+        .where(*where)
     ).one()
+    n = len(LAG_BUCKETS)
+    return [int(v) for v in row[:n]], int(row[n]), float(row[n + 1] or 0.0)
+
+
+def lag_histogram(session: Any, url: str, now: datetime) -> tuple[list[int], int, float]:
+    """The lag histogram of every audit row: the settled rows' totals kept per process and
+    extended to ``now − SETTLE_S``, plus the newer rows read live. Exact at every scrape."""
+    cutoff = now - timedelta(seconds=SETTLE_S)
+    with _LAG_LOCK:
+        cached = _LAG_CACHE.setdefault(url, _LagTotals())
+        if cached.cutoff is None or cutoff > cached.cutoff:
+            b, c, t = _lag_rows(session, cached.cutoff, cutoff)
+            cached.buckets = [x + y for x, y in zip(cached.buckets, b, strict=True)]
+            cached.count += c
+            cached.total += t
+            cached.cutoff = cutoff
+        settled = (list(cached.buckets), cached.count, cached.total, cached.cutoff)
+    b, c, t = _lag_rows(session, settled[3], None)
+    return [x + y for x, y in zip(settled[0], b, strict=True)], settled[1] + c, settled[2] + t
+
+
+def database_families(session: Any, now: datetime, url: str = "") -> list[Metric]:
+    """The database's families (one transaction), each from an index of migration 0005 or the
+    status index, except the settled part of the lag histogram (see :func:`lag_histogram`)."""
+    from db.models import Audit, UTCDateTime
+    from inspection_audit.web.queries import QueueFilter, _latest_reviews, queue_count
+
+    a = Audit.__table__.c
+    by_status: dict[str, int] = {"done": 0, "error": 0}
+    flagged = 0
+    for status, suspect, n in session.execute(
+        sa.select(a.status, a.suspected_false_negative, sa.func.count()).group_by(
+            a.status, a.suspected_false_negative
+        )
+    ):
+        by_status[status] = by_status.get(status, 0) + int(n)
+        if status == "done" and suspect:
+            flagged += int(n)
+    minute = session.execute(
+        sa.select(sa.func.count()).where(
+            a.created_at >= sa.literal(now - timedelta(seconds=60), UTCDateTime())
+        )
+    ).scalar_one()
+    newest = session.execute(sa.select(sa.func.max(a.updated_at))).scalar()
     out: list[Metric] = []
     g = GaugeMetricFamily("inspection_audit_audits", "Audit rows by status.", labels=["status"])
-    g.add_metric(["done"], int(done))
-    g.add_metric(["error"], int(error))
+    for status in sorted(by_status):
+        g.add_metric([status], by_status[status])
     out.append(g)
     out.append(
         GaugeMetricFamily(
             "inspection_audit_flagged",
             "Done audit rows flagged as suspected false negatives.",
-            value=int(flagged),
+            value=flagged,
         )
     )
     latest = _latest_reviews()
@@ -117,22 +186,15 @@ def database_families(session: Any, now: datetime) -> list[Metric]:
                 value=max(0.0, (now - newest).total_seconds()),
             )
         )
-    # capture-to-score lag of done rows, cumulative buckets in one pass
-    lag = _seconds_between(session, a.created_at, i.captured_at)
-    cols = [sa.func.count().filter(lag <= b) for b in LAG_BUCKETS]
-    row = session.execute(
-        sa.select(*cols, sa.func.count(), sa.func.coalesce(sa.func.sum(lag), 0.0))
-        .select_from(Audit.__table__.join(Inspection.__table__, i.inspection_id == a.inspection_id))
-        .where(a.status == "done")
-    ).one()
-    buckets = [(_le(b), int(n)) for b, n in zip(LAG_BUCKETS, row[: len(LAG_BUCKETS)], strict=True)]
-    buckets.append(("+Inf", int(row[len(LAG_BUCKETS)])))
+    buckets_n, count, total = lag_histogram(session, url or str(session.get_bind().url), now)
+    buckets = [(_le(b), n) for b, n in zip(LAG_BUCKETS, buckets_n, strict=True)]
+    buckets.append(("+Inf", count))
     out.append(
         HistogramMetricFamily(
             "inspection_audit_capture_to_score_seconds",
-            "Seconds from capture to the audit row (done rows).",
+            "Seconds from capture to the audit row (every row, done or error).",
             buckets=buckets,
-            sum_value=float(row[-1] or 0.0),
+            sum_value=total,
         )
     )
     return out
@@ -159,7 +221,7 @@ class AuditCollector(Collector):
         url = self.settings.resolved_database_url
         try:
             with session_scope(url) as session:
-                families = database_families(session, now)
+                families = database_families(session, now, url)
             db_up = 1
         except Exception:
             families, db_up = [], 0

@@ -127,7 +127,11 @@ class Cursor:
         return c if c.score == c.score and abs(c.score) != float("inf") else None
 
 
-order_score = sa.func.coalesce(A.decision_score, -1e300)
+#: Queue order: most suspicious first. A flagged row always has a decision score (it was
+#: flagged because score >= τ), so the order is the partial index ``ix_audits_review_queue``
+#: (migration 0005) walked backwards.
+ORDER_DESC = (A.decision_score.desc(), A.id.desc())
+ORDER_ASC = (A.decision_score.asc(), A.id.asc())
 
 QUEUE_COLUMNS = (
     A.id.label("audit_id"),
@@ -155,15 +159,16 @@ def _queue_from() -> Any:
 def queue_conditions(f: QueueFilter) -> list[Any]:
     """The ``review_queue`` view's predicate plus the filter's."""
     no_verdict = ~sa.exists().where(R.inspection_id == A.inspection_id)
-    return [A.status == "done", A.suspected_false_negative.is_(True), no_verdict, *f.conditions()]
+    # `suspected_false_negative` alone (not `IS true`): the partial index's own predicate
+    return [A.status == "done", A.suspected_false_negative, no_verdict, *f.conditions()]
 
 
 def _after(c: Cursor) -> Any:
-    return sa.or_(order_score < c.score, sa.and_(order_score == c.score, A.id < c.audit_id))
+    return sa.tuple_(A.decision_score, A.id) < sa.tuple_(c.score, c.audit_id)
 
 
 def _before(c: Cursor) -> Any:
-    return sa.or_(order_score > c.score, sa.and_(order_score == c.score, A.id > c.audit_id))
+    return sa.tuple_(A.decision_score, A.id) > sa.tuple_(c.score, c.audit_id)
 
 
 @dataclass
@@ -202,11 +207,11 @@ def queue_page(
     where = queue_conditions(f)
     stmt = sa.select(*QUEUE_COLUMNS).select_from(_queue_from())
     if before is not None:
-        stmt = stmt.where(*where, _before(before)).order_by(order_score.asc(), A.id.asc())
+        stmt = stmt.where(*where, _before(before)).order_by(*ORDER_ASC)
     else:
         if after is not None:
             where = [*where, _after(after)]
-        stmt = stmt.where(*where).order_by(order_score.desc(), A.id.desc())
+        stmt = stmt.where(*where).order_by(*ORDER_DESC)
     got = [dict(r) for r in session.execute(stmt.limit(limit + 1)).mappings()]
     more = len(got) > limit
     rows = got[:limit]
@@ -224,8 +229,11 @@ def queue_page(
 
 
 def queue_count(session: Session, f: QueueFilter) -> int:
-    """How many rows the queue holds under ``f``."""
-    stmt = sa.select(sa.func.count()).select_from(_queue_from()).where(*queue_conditions(f))
+    """How many rows the queue holds under ``f`` (without a line, station or time filter, from
+    the partial index alone)."""
+    joined = f.line or f.station or f.since or f.until
+    source = _queue_from() if joined else Audit.__table__
+    stmt = sa.select(sa.func.count()).select_from(source).where(*queue_conditions(f))
     return int(session.execute(stmt).scalar_one())
 
 
@@ -233,16 +241,8 @@ def neighbours(session: Session, f: QueueFilter, at: Cursor) -> tuple[Any, Any]:
     """``(previous, next)`` queue rows around position ``at`` (either may be None). ``at``
     need not be in the queue any more (after a verdict, "next" is the item that followed it)."""
     base = sa.select(*QUEUE_COLUMNS).select_from(_queue_from()).where(*queue_conditions(f))
-    nxt = (
-        session.execute(base.where(_after(at)).order_by(order_score.desc(), A.id.desc()).limit(1))
-        .mappings()
-        .first()
-    )
-    prv = (
-        session.execute(base.where(_before(at)).order_by(order_score.asc(), A.id.asc()).limit(1))
-        .mappings()
-        .first()
-    )
+    nxt = session.execute(base.where(_after(at)).order_by(*ORDER_DESC).limit(1)).mappings().first()
+    prv = session.execute(base.where(_before(at)).order_by(*ORDER_ASC).limit(1)).mappings().first()
     return (dict(prv) if prv else None, dict(nxt) if nxt else None)
 
 
