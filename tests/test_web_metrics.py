@@ -77,8 +77,9 @@ def test_metrics_equal_the_rows(
         reviews = session.execute(sa.select(Review.inspection_id, Review.verdict, Review.id)).all()
         pending = session.execute(sa.text("SELECT count(*) FROM review_queue")).scalar_one()
         lags = session.execute(
-            sa.select(Audit.created_at, Inspection.captured_at)
-            .join(Inspection, Inspection.inspection_id == Audit.inspection_id)
+            sa.select(Audit.created_at, Inspection.captured_at).join(
+                Inspection, Inspection.inspection_id == Audit.inspection_id
+            )
         ).all()
     newest = {}
     for iid, verdict, _rid in sorted(reviews, key=lambda t: t[2]):
@@ -106,7 +107,9 @@ def test_metrics_equal_the_rows(
         want_sum, rel=1e-3, abs=5
     )
     assert m[("inspection_audit_capture_to_score_seconds_bucket", (("le", "60"),))] == 0
-    assert m[("inspection_audit_capture_to_score_seconds_bucket", (("le", "+Inf"),))] == done + error
+    assert (
+        m[("inspection_audit_capture_to_score_seconds_bucket", (("le", "+Inf"),))] == done + error
+    )
     assert m[("inspection_audit_up", (("component", "database"),))] == 1
     assert m[("inspection_audit_up", (("component", "broker"),))] == 1
     assert m[("inspection_audit_last_write_age_seconds", ())] < 120

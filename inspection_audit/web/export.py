@@ -104,7 +104,7 @@ def export_dataset(
     """
     from db.session import session_scope
     from inspection_audit.web.queries import verdict_rows
-    from worker.model.overlay import safe_name
+    from worker.model.naming import safe_name
 
     unknown = [v for v in verdicts if v not in VERDICTS]
     if unknown or not verdicts:

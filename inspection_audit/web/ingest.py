@@ -203,7 +203,7 @@ async def _read_body(request: Request) -> tuple[Any, bytes | None, str, bool] | 
 
 
 def _persist(upload_dir: Path, iid: str, data: bytes, suffix: str) -> Path:
-    from worker.model.overlay import safe_name
+    from worker.model.naming import safe_name
 
     digest = hashlib.sha256(data).hexdigest()[:12]
     day = datetime.now(UTC).strftime("%Y-%m-%d")

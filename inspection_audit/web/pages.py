@@ -192,7 +192,7 @@ def _score_rows(audit: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _maps(audit: dict[str, Any]) -> list[dict[str, str]]:
-    from worker.model.overlay import map_title
+    from worker.model.naming import map_title
 
     maps = (audit.get("details") or {}).get("maps") or {}
     names = [n for n in MAP_ORDER if n in maps]

@@ -25,7 +25,6 @@ callers that want the old picture. No pyplot and no display: PIL and numpy only.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from worker.model.naming import map_title
 
 MIN_SIDE = 256
 TITLE_HEIGHT = 22
@@ -48,23 +49,6 @@ MASK_RGB = (255, 255, 255)
 THUMB_SIDE = 192
 #: A decision region covering less than this share of the image is also boxed.
 BOX_BELOW = 0.05
-
-#: Human titles of the maps the audit makes (worker.measure.Measured.maps).
-MAP_TITLES = {
-    "gradcam_defect": "Grad-CAM, class defect",
-    "gradcam_ok": "Grad-CAM, class ok",
-    "agnostic": "class-agnostic map (Eigen-CAM)",
-}
-
-
-def map_title(name: str) -> str:
-    """The title of map ``name`` (``anomaly_<bank>`` → "anomaly distance, <bank> bank")."""
-    if name in MAP_TITLES:
-        return MAP_TITLES[name]
-    if name.startswith("anomaly_"):
-        return f"anomaly distance, {name.removeprefix('anomaly_')} bank"
-    return name
-
 
 # --- fonts ------------------------------------------------------------------------------------
 _FONT_CACHE: dict[int, Any] = {}
@@ -337,11 +321,6 @@ class ReviewMaps:
     maps: dict[str, Path] = field(default_factory=dict)
     region_fraction: float = 0.0
     scales: dict[str, str] = field(default_factory=dict)
-
-
-def safe_name(text: str) -> str:
-    """``text`` with anything but ``[A-Za-z0-9._-]`` replaced by ``_`` (a file name)."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", text)
 
 
 def _save_png(pic: Image.Image, path: Path) -> Path:
