@@ -347,17 +347,35 @@ def overview(session: Session, *, days: int = 30, errors: int = 50) -> dict[str,
         sa.func.count().filter(cleared).label("cleared"),
     )
     base = _queue_from().outerjoin(latest, latest.c.inspection_id == A.inspection_id)
-
-    def grouped(key: Any, where: Any = None, order: Any = None) -> list[dict[str, Any]]:
-        stmt = sa.select(key.label("key"), *measures).select_from(base).group_by(key)
-        if where is not None:
-            stmt = stmt.where(where)
-        stmt = stmt.order_by(order if order is not None else key)
-        return [_with_share(dict(r)) for r in session.execute(stmt).mappings()]
-
-    since = datetime.now(UTC) - timedelta(days=days)
+    line = sa.func.coalesce(I.line, "(none)")
     day = day_of(session, A.created_at)
-    totals = session.execute(sa.select(*measures).select_from(base)).mappings().one()
+    # one pass over the table, grouped by (line, version, day); the rest is summed here
+    cells = [
+        dict(r)
+        for r in session.execute(
+            sa.select(
+                line.label("line"), A.model_version.label("version"), day.label("day"), *measures
+            )
+            .select_from(base)
+            .group_by(line, A.model_version, day)
+        ).mappings()
+    ]
+    since = (datetime.now(UTC) - timedelta(days=days)).strftime("%Y-%m-%d")
+
+    def grouped(key: str, keep: Any = None) -> list[dict[str, Any]]:
+        sums: dict[str, dict[str, Any]] = {}
+        for c in cells:
+            if keep is not None and not keep(c):
+                continue
+            row = sums.setdefault(str(c[key]), {"key": str(c[key])})
+            for m in ("audited", "flagged", "errors", "confirmed", "cleared"):
+                row[m] = row.get(m, 0) + int(c[m] or 0)
+        return [_with_share(sums[k]) for k in sorted(sums)]
+
+    totals = {
+        m: sum(int(c[m] or 0) for c in cells)
+        for m in ("audited", "flagged", "errors", "confirmed", "cleared")
+    }
     reasons = session.execute(
         sa.select(A.error, sa.func.count().label("n"))
         .where(A.status == "error")
@@ -373,10 +391,10 @@ def overview(session: Session, *, days: int = 30, errors: int = 50) -> dict[str,
         .limit(errors)
     ).mappings()
     return {
-        "totals": _with_share(dict(totals)),
-        "per_line": grouped(sa.func.coalesce(I.line, "(none)")),
-        "per_version": grouped(A.model_version),
-        "per_day": grouped(day, A.created_at >= since, day),
+        "totals": _with_share(totals),
+        "per_line": grouped("line"),
+        "per_version": grouped("version"),
+        "per_day": grouped("day", lambda c: str(c["day"]) >= since),
         "reasons": [dict(r) for r in reasons],
         "errors": [dict(r) for r in recent],
         "days": days,
