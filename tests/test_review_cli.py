@@ -151,7 +151,10 @@ def test_web_accounts_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         assert oct((tmp_path / "home" / "web-users").stat().st_mode & 0o777) == "0o600"
         assert "s3cret" not in (tmp_path / "home" / "web-users").read_text()
         assert token not in (tmp_path / "home" / "api-tokens").read_text()
-        # serve refuses to start with nobody to log in
+        # serve refuses to start on a database that is not migrated
+        r = runner.invoke(main, ["serve"])
+        assert r.exit_code != 0 and "inspection-audit db upgrade" in r.output
+        # and with nobody to log in
         monkeypatch.setenv("INSPECTION_AUDIT_HOME", str(tmp_path / "empty"))
         get_settings.cache_clear()
         r = runner.invoke(main, ["serve"])

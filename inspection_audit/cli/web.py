@@ -40,6 +40,11 @@ def serve(host: str, port: int, workers: int, log_level: str) -> None:
             f"`inspection-audit web add-user NAME` (stored hashed in {users_file(settings)}) "
             "or set INSPECTION_AUDIT_WEB_USERS"
         )
+    from inspection_audit.cli.worker import check_database
+
+    problem = check_database(settings.resolved_database_url)
+    if problem:
+        raise click.ClickException(problem.replace("this worker", "the review station"))
     session_secret(settings)  # made once, before several processes race for it
     console.print(
         f"[bold]review station[/] http://{host}:{port}/  ({len(accounts.users)} reviewer(s), "
