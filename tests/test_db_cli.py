@@ -90,13 +90,13 @@ def test_db_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         assert invoke("db", "current").strip() == "none"
         result = CliRunner().invoke(main, ["review", "--json"])
         assert result.exit_code == 1 and "db upgrade" in result.output
-        assert "at revision 0003" in invoke("db", "upgrade")
+        assert "at revision 0005" in invoke("db", "upgrade")
         assert (home / "audit.sqlite3").exists()
-        assert invoke("db", "current").strip() == "0003 (head)"
+        assert invoke("db", "current").strip() == "0005 (head)"
         assert "at revision base" in invoke("db", "downgrade")
         other = f"sqlite:///{(tmp_path / 'other.sqlite3').as_posix()}"
-        assert "at revision 0003" in invoke("db", "upgrade", "--url", other)
-        assert invoke("db", "current", "--url", other).strip() == "0003 (head)"
+        assert "at revision 0005" in invoke("db", "upgrade", "--url", other)
+        assert invoke("db", "current", "--url", other).strip() == "0005 (head)"
         assert invoke("db", "current").strip() == "none"
         dispose_engines(other)
     finally:
