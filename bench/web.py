@@ -402,7 +402,7 @@ def report(out: dict[str, Any], args: argparse.Namespace, argv: list[str]) -> st
         "## Review station (`python -m bench.web`)",
         "",
         f"Measured {datetime.now(UTC).isoformat(timespec='seconds')} with "
-        f"`python -m bench.web {' '.join(argv)}`".rstrip()
+        f"`{' '.join(['python -m bench.web', *argv])}`"
         + f" (commit {_git_commit()}), on {os.cpu_count()} cores shared with other jobs "
         f"(load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}); Python "
         f"{platform.python_version()}, PostgreSQL and Redis on 127.0.0.1.",
@@ -451,7 +451,8 @@ def report(out: dict[str, Any], args: argparse.Namespace, argv: list[str]) -> st
         "and the newest write from `ix_audits_created_at` / `ix_audits_updated_at`, the queue "
         "from the partial index; the capture-to-score histogram keeps the settled rows' totals "
         "per process and reads only the last five minutes' rows at each scrape. The overview "
-        "aggregates the whole table per line, version and day and is not bounded yet.",
+        "reads the whole table in one grouped pass (line × version × day): its cost grows with "
+        "the table.",
         MARK_END,
     ]
     return "\n".join(lines) + "\n"
