@@ -123,6 +123,17 @@ class Audit(Base):
         sa.UniqueConstraint("inspection_id", "model_version", "method"),
         sa.CheckConstraint(_in("status", AUDIT_STATUSES), name="status"),
         sa.Index("ix_audits_suspected_false_negative_status", "suspected_false_negative", "status"),
+        # migration 0005: the review queue (most suspicious first), recent and newest writes
+        sa.Index(
+            "ix_audits_review_queue",
+            "decision_score",
+            "id",
+            "inspection_id",
+            postgresql_where=sa.text("status = 'done' AND suspected_false_negative"),
+            sqlite_where=sa.text("status = 'done' AND suspected_false_negative"),
+        ),
+        sa.Index("ix_audits_created_at", "created_at"),
+        sa.Index("ix_audits_updated_at", "updated_at"),
     )
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)

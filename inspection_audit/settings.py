@@ -3,7 +3,7 @@
 Every knob comes from the environment (prefix ``INSPECTION_AUDIT_``) or a ``.env`` file;
 credentials only ever come from there. With nothing set, the *embedded default* runs with no
 server at all: a SQLite file and kombu's filesystem transport under ``INSPECTION_AUDIT_HOME``
-(default ``./.inspection-audit``). Given Redis and PostgreSQL URLs the same code is the
+(default: a fixed per-user folder, :func:`default_home`). Given Redis and PostgreSQL URLs the same code is the
 production deployment.
 """
 
@@ -14,11 +14,21 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, create_model, field_validator, model_validator
+from pydantic import Field, SecretStr, create_model, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from worker.engine.methods import REGISTRY
 from worker.engine.options import EngineConfig, option_fields
+
+
+def default_home() -> Path:
+    """The embedded default's folder: ``$XDG_DATA_HOME/inspection-audit``, else
+    ``~/.local/share/inspection-audit`` (one fixed folder per user, whatever the current
+    directory)."""
+    xdg = os.environ.get("XDG_DATA_HOME", "").strip()
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".local" / "share"
+    return base / "inspection-audit"
+
 
 #: One setting per exposed engine option (``INSPECTION_AUDIT_THETA`` …), derived from
 #: :class:`worker.engine.options.EngineConfig`: the options are declared once, there.
@@ -43,8 +53,9 @@ class Settings(_EngineSettings):  # type: ignore[misc,valid-type]
 
     # --- where things live -------------------------------------------------------------
     home: Path = Field(
-        default=Path(".inspection-audit"),
-        description="Folder of the embedded default: SQLite file, filesystem broker, cached models.",
+        default_factory=lambda: default_home(),
+        description="Folder of the embedded default: SQLite file, filesystem broker, cached "
+        "models. Default: $XDG_DATA_HOME/inspection-audit, else ~/.local/share/inspection-audit.",
     )
     broker_url: str | None = Field(
         default=None,
@@ -149,6 +160,46 @@ class Settings(_EngineSettings):  # type: ignore[misc,valid-type]
     min_image_side: int = Field(default=16, ge=1)
     max_aspect_ratio: float = Field(default=20.0, ge=1.0)
 
+    # --- review station (inspection_audit/web) -----------------------------------------------
+    web_users: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Reviewer accounts, comma-separated `name:hash` (hash from "
+        "`inspection-audit web hash-password`).",
+    )
+    web_users_file: Path | None = Field(
+        default=None,
+        description="File of `name:hash` lines (default: home/web-users when it exists).",
+    )
+    api_tokens: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="API clients, comma-separated `name:hash` (from `inspection-audit web "
+        "add-token`); a client sends `Authorization: Bearer <token>`.",
+    )
+    api_tokens_file: Path | None = Field(
+        default=None,
+        description="File of `name:hash` token lines (default: home/api-tokens when it exists).",
+    )
+    web_secret: SecretStr | None = Field(
+        default=None,
+        description="Key that signs session cookies (default: a random key kept in "
+        "home/web-secret).",
+    )
+    upload_dir: Path | None = Field(
+        default=None,
+        description="Folder under an image root where HTTP ingest keeps uploaded images "
+        "(default: none, uploads travel inline as base64 within max_inline_bytes).",
+    )
+    health_stall_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="`inspection-audit health` fails when inspections wait and no row was "
+        "written for longer than this.",
+    )
+    overlay_all: bool = Field(
+        default=False,
+        description="Save the review maps for every fully scored image, not only flagged ones.",
+    )
+
     # --- decision ---------------------------------------------------------------------------
     decision_method: str = Field(
         default="iou_gap_adv",
@@ -179,7 +230,14 @@ class Settings(_EngineSettings):  # type: ignore[misc,valid-type]
         return EngineConfig(**{o.name: getattr(self, o.name) for o in option_fields()})
 
     @field_validator(
-        "image_roots", "auditor_models", "snapshot_models", "views", "anomaly_banks", mode="before"
+        "image_roots",
+        "auditor_models",
+        "snapshot_models",
+        "views",
+        "anomaly_banks",
+        "web_users",
+        "api_tokens",
+        mode="before",
     )
     @classmethod
     def _split_roots(cls, value: object) -> object:

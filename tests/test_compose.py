@@ -74,7 +74,7 @@ def test_services(client: list[str]) -> None:
     assert res.returncode == 0, res.stderr
     # (compose 1.29 lists the services of every profile; v2 only the active ones)
     services = set(res.stdout.split()) - {"rabbitmq"}
-    assert services == {"redis", "postgres", "migrate", "worker", "worker-gpu"}
+    assert services == {"redis", "postgres", "migrate", "worker", "worker-gpu", "web"}
 
 
 def test_password_comes_from_the_environment(client: list[str]) -> None:
@@ -94,6 +94,8 @@ def test_resolved_config(client: list[str]) -> None:
     assert "postgresql+psycopg://inspection:test-only@postgres:5432/inspection_audit" in text
     assert "driver: nvidia" in text and "gpu" in text
     assert "container_name" not in text  # `--scale worker=N` needs generated names
+    # the review station: served on 8000, health-checked, uploads inside the image root
+    assert "serve" in text and "/healthz" in text and "/images/uploads" in text
 
 
 def test_rabbitmq_profile(client: list[str]) -> None:

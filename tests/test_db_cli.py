@@ -44,14 +44,14 @@ def test_review_json(env_url: str) -> None:
 def test_review_table(env_url: str) -> None:
     _populate(env_url)
     out = invoke("review")
-    assert "review queue: 4" in out
+    assert "review queue: 4 of 4 waiting" in out
     for name in ("B", "E", "G", "A"):
         assert f" {name} " in out
 
 
 def test_review_empty(env_url: str) -> None:
     assert json.loads(invoke("review", "--json")) == []
-    assert "review queue: 0" in invoke("review")
+    assert "review queue: 0 of 0" in invoke("review")
 
 
 def test_review_verdict(env_url: str) -> None:
@@ -90,13 +90,13 @@ def test_db_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         assert invoke("db", "current").strip() == "none"
         result = CliRunner().invoke(main, ["review", "--json"])
         assert result.exit_code == 1 and "db upgrade" in result.output
-        assert "at revision 0004" in invoke("db", "upgrade")
+        assert "at revision 0005" in invoke("db", "upgrade")
         assert (home / "audit.sqlite3").exists()
-        assert invoke("db", "current").strip() == "0004 (head)"
+        assert invoke("db", "current").strip() == "0005 (head)"
         assert "at revision base" in invoke("db", "downgrade")
         other = f"sqlite:///{(tmp_path / 'other.sqlite3').as_posix()}"
-        assert "at revision 0004" in invoke("db", "upgrade", "--url", other)
-        assert invoke("db", "current", "--url", other).strip() == "0004 (head)"
+        assert "at revision 0005" in invoke("db", "upgrade", "--url", other)
+        assert invoke("db", "current", "--url", other).strip() == "0005 (head)"
         assert invoke("db", "current").strip() == "none"
         dispose_engines(other)
     finally:

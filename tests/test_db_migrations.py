@@ -28,7 +28,7 @@ def test_upgrade_downgrade_upgrade(fixture: str, request: pytest.FixtureRequest)
     tables, views = _schema(url)
     assert tables >= TABLES
     assert "review_queue" in views
-    assert current(url) == head() == "0004"
+    assert current(url) == head() == "0005"
 
     downgrade(url)
     tables, views = _schema(url)
@@ -40,7 +40,7 @@ def test_upgrade_downgrade_upgrade(fixture: str, request: pytest.FixtureRequest)
     tables, views = _schema(url)
     assert tables >= TABLES
     assert "review_queue" in views
-    assert current(url) == "0004"
+    assert current(url) == head()
 
 
 def test_migrated_schema_matches_models(migrated_url: str) -> None:
@@ -69,7 +69,7 @@ def test_upgrade_creates_sqlite_folder(tmp_path) -> None:  # type: ignore[no-unt
     try:
         upgrade(url)
         assert (tmp_path / "a" / "b" / "audit.sqlite3").exists()
-        assert current(url) == "0004"
+        assert current(url) == head()
     finally:
         dispose_engines(url)
 

@@ -69,12 +69,30 @@ def test_engine_imports_neither_celery_nor_the_lab() -> None:
         "db.repository",
         "db.deliveries",
         "db.migrate",
+        "inspection_audit.web",
+        "inspection_audit.web.app",
+        "inspection_audit.web.export",
+        "inspection_audit.web.metrics",
     ],
 )
 def test_the_service_never_imports_the_lab_or_the_cli(service: str) -> None:
     mods = _loaded(service)
     assert _under(mods, "inspection_audit.lab") == [], service
     assert _under(mods, "inspection_audit.cli") == [], service
+
+
+def test_the_review_station_is_torch_free() -> None:
+    """The web server answers pages, ingest, metrics and exports without loading torch."""
+    mods = _loaded(
+        "inspection_audit.web.app",
+        "inspection_audit.web.pages",
+        "inspection_audit.web.ingest",
+        "inspection_audit.web.media",
+        "inspection_audit.web.metrics",
+        "inspection_audit.web.export",
+        "worker.model.naming",
+    )
+    assert _under(mods, "torch") == []
 
 
 def test_settings_registry_and_producer_are_torch_free() -> None:

@@ -469,30 +469,44 @@ class Batch:
                 decode_ms=it.decode_ms,
                 score_ms=elapsed / len(group),
             )
-            if flagged and self.s.save_overlays:
-                row.overlay_path = self._overlay(
-                    it,
-                    measured.images[i],
-                    measured.maps[i]["gradcam_defect"],
-                    decision.score,
-                    decision.tau,
-                )
+            if self.s.save_overlays and (flagged or self.s.overlay_all):
+                self._save_maps(it, row, measured.images[i], measured.maps[i], decision)
             it.row = row
 
-    def _overlay(
-        self, it: Item, image: Any, cam: Any, score: float | None, tau: float | None
-    ) -> str | None:
-        from worker.model.overlay import save_overlay
+    def _save_maps(self, it: Item, row: AuditRow, image: Any, maps: Any, decision: Any) -> None:
+        """Write the review maps (worker/model/overlay.py) and record them in the row: the
+        composite thumbnail in ``overlay_path``, each map's PNG in ``details["maps"]``."""
+        from worker.model.overlay import save_review_maps
 
         assert it.key is not None
         iid, version, method = it.key
-        path = result_path(self.s, version, method, iid)
-        title = f"{iid}  {method} {score:.3f} >= tau {tau:.3f}" if score is not None else iid
+        folder = result_folder(self.s, version, method, iid)
+        cfg = self.rt.engine.config
+        score, tau = decision.score, decision.tau
+        caption = f"{iid}  {method} {score:.3f}" if score is not None else iid
+        if score is not None and tau is not None:
+            caption += f" {'>=' if score >= tau else '<'} τ {tau:.3f}"
         try:
-            return str(save_overlay(image, cam, path, title=title))
+            saved = save_review_maps(
+                image,
+                maps,
+                folder,
+                method=method,
+                binarize=cfg.binarize,
+                theta=cfg.theta,
+                topk=cfg.topk,
+                taus=self.rt.params.get("taus") or {},
+                caption=caption,
+            )
         except Exception as exc:  # a full disk must not cost the audit row
-            log.warning("%s: could not save overlay %s: %s", iid, path, exc)
-            return None
+            log.warning("%s: could not save review maps under %s: %s", iid, folder, exc)
+            return
+        row.overlay_path = str(saved.composite)
+        row.details = {
+            **(row.details or {}),
+            "maps": {name: str(path) for name, path in saved.maps.items()},
+            "region_fraction": saved.region_fraction,
+        }
 
     # 5. write -------------------------------------------------------------------------------
     def rows_to_write(self, items: list[Item]) -> list[Item]:
@@ -719,6 +733,11 @@ def request_worker_shutdown(reason: str) -> None:
 
 
 def result_path(s: Settings, model_version: str, method: str, inspection_id: str) -> Path:
-    """Where the overlay PNG of a flagged inspection is written."""
-    name = re.sub(r"[^A-Za-z0-9._-]", "_", inspection_id) + ".png"
+    """Where the composite thumbnail of an inspection's review maps is written."""
+    return result_folder(s, model_version, method, inspection_id) / "composite.png"
+
+
+def result_folder(s: Settings, model_version: str, method: str, inspection_id: str) -> Path:
+    """The folder of one inspection's review maps (``<results>/overlays/<version>/<method>/<id>/``)."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", inspection_id)
     return s.resolved_results_dir / "overlays" / model_version / method / name

@@ -296,6 +296,8 @@ def load_runtime(settings: Settings) -> Runtime:
         "calibration": None if cal is None else str(sidecar_path(path)),
         "calibration_split": None if cal is None else cal.split,
         "target_recall": None if cal is None else cal.target_recall,
+        # τ of every method (the review page shows each score against its own τ)
+        "taus": {} if cal is None else {m: cal.tau(m) for m in cal.methods},
     }
     rt = Runtime(settings, pm, suite, cal, device, time.perf_counter() - t0, params)
     log.info(

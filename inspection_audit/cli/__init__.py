@@ -10,6 +10,9 @@ module         commands
 ``reconcile``  ``reconcile`` (resend what a broker lost: the producer's outbox)
 ``worker``     ``worker`` (a Celery worker built from one ``Settings``)
 ``demo``       ``demo`` (the whole pipeline on the embedded default)
+``web``        ``serve`` (the review station), ``web hash-password | add-user | add-token``
+``export``     ``export`` (reviewed inspections as a dataset for ``train``)
+``health``     ``health`` (exit non-zero when inspections wait and nothing is written)
 =============  ==========================================================================
 """
 
@@ -17,7 +20,18 @@ from __future__ import annotations
 
 import click
 
-from inspection_audit.cli import db, demo, enqueue, lab, reconcile, review, worker
+from inspection_audit.cli import (
+    db,
+    demo,
+    enqueue,
+    export,
+    health,
+    lab,
+    reconcile,
+    review,
+    web,
+    worker,
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -37,6 +51,10 @@ COMMANDS: tuple[click.Command, ...] = (
     reconcile.reconcile,
     worker.worker,
     demo.demo,
+    web.serve,
+    web.web_group,
+    export.export,
+    health.health,
 )
 for _command in COMMANDS:
     main.add_command(_command)

@@ -28,6 +28,7 @@ import click
 from rich.table import Table
 
 from inspection_audit.cli.common import console, progress, wide_console
+from inspection_audit.cli.web import how_to_review
 
 STALL_TIMEOUT_S = 180.0
 
@@ -121,6 +122,7 @@ def demo(dataset: Path | None, workers: int, model: Path | None, epochs: int, im
         stop_workers(procs)
         dispose_engines()
     _report(_rows(url, prefix, version, method), labels, predictions, cal, method, url, show)
+    how_to_review(settings, root)
 
 
 def _rows(url: str, prefix: str, version: str, method: str) -> list[dict[str, Any]]:
