@@ -147,3 +147,50 @@ def test_healthz(migrated_url: str, queue_settings: Settings, tmp_path: Path) ->
         r = client.get("/healthz")
         assert r.status_code == 503 and r.json()["broker"] == "ok"
     dispose_engines(migrated_url)
+
+
+def test_ingest_uses_the_outbox_and_metrics_count_dead_letters(
+    migrated_url: str, queue_settings: Settings, tmp_path: Path
+) -> None:
+    """HTTP ingest records every inspection in the outbox before sending it: the same id again
+    is a duplicate before any worker ran, GET says it is queued, and ``/metrics`` counts the
+    outbox and the dead letters exactly as the tables hold them."""
+    from db.models import DeadLetter, OutboxEntry
+    from inspection_audit.web import create_app
+
+    s = web_settings(queue_settings, tmp_path, migrated_url)
+    (s.image_roots[0] / "o.png").write_bytes(png_bytes())
+    body = {
+        "inspection_id": "OUT-1",
+        "image_path": "o.png",
+        "prediction": "ok",
+        "score": 0.2,
+        "line": "l",
+        "station": "s",
+        "captured_at": datetime.now(UTC).isoformat(),
+    }
+    with session_scope(migrated_url) as session:
+        session.add_all(
+            [
+                DeadLetter(stage="transport", reason="not JSON", raw=b"\x00", raw_size=1),
+                DeadLetter(stage="message", reason="no inspection_id", raw=b"{}", raw_size=2),
+                DeadLetter(stage="message", reason="no inspection_id", raw=b"[]", raw_size=2),
+            ]
+        )
+    with TestClient(create_app(s)) as client:
+        first = client.post("/api/v1/inspections", json=body, headers=bearer())
+        again = client.post("/api/v1/inspections", json=body, headers=bearer())
+        got = client.get("/api/v1/inspections/OUT-1", headers=bearer())
+        m = _samples(client.get("/metrics", headers=bearer()).text)
+    assert first.status_code == 202 and first.json()["status"] == "queued"
+    assert again.status_code == 202 and again.json()["status"] == "duplicate"
+    assert got.status_code == 404 and got.json()["status"] == "queued"
+    assert redis_queue_length(queue_settings) == 1  # sent once
+    with session_scope(migrated_url) as session:
+        entries = session.execute(sa.select(OutboxEntry.inspection_id)).scalars().all()
+    assert entries == ["OUT-1"]
+    assert m[("inspection_audit_outbox", (("state", "queued"),))] == 1
+    assert m[("inspection_audit_dead_letters", (("stage", "transport"),))] == 1
+    assert m[("inspection_audit_dead_letters", (("stage", "message"),))] == 2
+    assert m[("inspection_audit_queued_without_audit", ())] == 0  # not overdue yet
+    dispose_engines(migrated_url)

@@ -217,14 +217,18 @@ def _persist(upload_dir: Path, iid: str, data: bytes, suffix: str) -> Path:
 
 
 def _exists(st: State, iid: str) -> bool:
-    """Whether ``iid`` already has its inspection row: one query on the app's autocommit read
-    engine (no transaction, no pre-ping round trip; a connection the server dropped is retried
-    once)."""
+    """Whether ``iid`` was taken before: it has its inspection row, or it waits in the outbox
+    (queued, not yet audited). One query on the app's autocommit read engine (no transaction,
+    no pre-ping round trip; a connection the server dropped is retried once)."""
     import sqlalchemy as sa
 
-    from db.models import Inspection
+    from db.models import Inspection, OutboxEntry
 
-    stmt = sa.select(Inspection.inspection_id).where(Inspection.inspection_id == iid)
+    stmt = (
+        sa.select(Inspection.inspection_id)
+        .where(Inspection.inspection_id == iid)
+        .union_all(sa.select(OutboxEntry.inspection_id).where(OutboxEntry.inspection_id == iid))
+    )
     for attempt in (1, 2):
         try:
             with st.read_engine.connect() as conn:
@@ -240,6 +244,7 @@ def accept(
 ) -> JSONResponse:
     """Validate (the producer's rules), de-duplicate, keep the upload, send. Blocking."""
     from producer.api import EnqueueError, enqueue_many, prepare_message
+    from producer.outbox import OutboxError
     from producer.schema import MessageError
 
     s = st.settings
@@ -275,8 +280,11 @@ def accept(
             written.unlink(missing_ok=True)
             return _reject([(field(f), r) for f, r in exc.errors], iid)
     try:
-        enqueue_many([msg], settings=s)
-    except EnqueueError as exc:
+        # The HTTP ingest can always reach the database: every inspection is recorded as
+        # queued in the outbox before it is sent, so `inspection-audit reconcile` can resend
+        # what a broker loses.
+        enqueue_many([msg], settings=s, outbox=True)
+    except (EnqueueError, OutboxError) as exc:
         if written is not None:
             written.unlink(missing_ok=True)
         return JSONResponse(
@@ -366,10 +374,14 @@ def get_inspection(
     """The inspection's audit rows (status, every score, the decision) and its verdict."""
     out = inspection_out(st, inspection_id)
     if out is None:
+        queued = _exists(st, inspection_id)  # no inspection row, so: waiting in the outbox
         return JSONResponse(
             NotFound(
-                detail="no audit row yet: still queued, or never sent",
+                detail="queued (in the outbox), not audited yet"
+                if queued
+                else "no such inspection: never sent here",
                 inspection_id=inspection_id,
+                status="queued" if queued else "unknown",
             ).model_dump(),
             status_code=404,
         )

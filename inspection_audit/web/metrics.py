@@ -34,15 +34,48 @@ from inspection_audit.settings import Settings
 #: Upper bounds (seconds) of the capture-to-score histogram.
 LAG_BUCKETS = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 86400.0)
 
-#: Extra families from other parts of the service, called at every scrape. Each takes the
-#: database URL and yields metric families.
-#:
-#: RESERVED for the reliability work (migration 0004): a dead-letter table and an outbox of
-#: queued inspections. Register their collectors here, e.g.
-#: ``inspection_audit_dead_letters`` (rows in the dead-letter table) and
-#: ``inspection_audit_queued_without_audit`` (outbox rows with no audit row yet), from the
-#: repository functions that come with that migration.
-EXTRA_FAMILIES: list[Callable[[str], Iterator[Metric]]] = []
+
+def _reliability_families(url: str) -> Iterator[Metric]:
+    """Dead letters (per stage) and the producer's outbox: entries overdue for reconcile
+    (queued longer than ``Settings.reconcile_after_s`` with no audit row) and resends."""
+    from datetime import timedelta
+
+    from db.repository import dead_letter_counts_by_stage, outbox_counts, queued_without_audit
+    from db.session import session_scope
+    from inspection_audit.settings import get_settings
+
+    after = timedelta(seconds=get_settings().reconcile_after_s)
+    with session_scope(url) as session:
+        stages = dead_letter_counts_by_stage(session)
+        overdue = queued_without_audit(session, after)
+        outbox = outbox_counts(session)
+    dead = GaugeMetricFamily(
+        "inspection_audit_dead_letters",
+        "Messages taken off the queue that could not be recorded under any inspection "
+        "(table dead_letters), per stage.",
+        labels=["stage"],
+    )
+    for stage in ("transport", "envelope", "message", "broker", "worker"):
+        dead.add_metric([stage], stages.get(stage, 0))
+    yield dead
+    g = GaugeMetricFamily(
+        "inspection_audit_queued_without_audit",
+        "Outbox entries queued longer than the reconcile age with no audit row "
+        "(what `inspection-audit reconcile` would send again).",
+    )
+    g.add_metric([], overdue)
+    yield g
+    o = GaugeMetricFamily(
+        "inspection_audit_outbox", "The producer's outbox, by state.", labels=["state"]
+    )
+    for key in ("queued", "pending", "never_sent", "resent", "resends"):
+        o.add_metric([key], outbox.get(key, 0))
+    yield o
+
+
+#: Extra families called at every scrape; each takes the database URL and yields metric
+#: families (the dead letters and the outbox of docs/reliability.md).
+EXTRA_FAMILIES: list[Callable[[str], Iterator[Metric]]] = [_reliability_families]
 
 
 def _seconds_between(session: Any, later: Any, earlier: Any) -> Any:
