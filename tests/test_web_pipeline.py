@@ -106,13 +106,14 @@ def test_ingest_health_worker_review_page(
             r = client.post("/api/v1/inspections", json=msg, headers=bearer())
             assert r.status_code == 202, r.text
             ids.append(msg["inspection_id"])
-        # the same id again, before any row exists: accepted, and still one row in the end
+        # the same id again, before any row exists: it waits in the outbox, so it is accepted
+        # as a duplicate and not sent a second time
         r = client.post("/api/v1/inspections", json={**msg, "score": 0.2}, headers=bearer())
-        assert r.status_code == 202
-        assert redis_queue_length(s) == len(ids) + 1
+        assert r.status_code == 202 and r.json()["status"] == "duplicate"
+        assert redis_queue_length(s) == len(ids)
         # nothing consumes: health fails (messages wait, no row ever written)
         rc, facts = _health(env, tmp_path)
-        assert rc == 1 and facts["stalled"] and facts["waiting"] == len(ids) + 1, facts
+        assert rc == 1 and facts["stalled"] and facts["waiting"] == len(ids), facts
         workers = [start_worker(env, "w1", tmp_path)]
         try:
             wait_ready(workers)
@@ -130,7 +131,7 @@ def test_ingest_health_worker_review_page(
         rows = audit_rows(migrated_pg_url, ids)
         assert sorted(r["inspection_id"] for r in rows) == ids  # one row per id
         twice = next(r for r in rows if r["inspection_id"] == ids[-1])
-        assert twice["duplicate_count"] == 1
+        assert twice["duplicate_count"] == 0  # sent once: the outbox knew it
         flagged = [r for r in rows if r["suspected_false_negative"]]
         assert flagged
         for r in flagged:
