@@ -161,3 +161,38 @@ def test_web_accounts_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         assert r.exit_code != 0 and "web add-user" in r.output
     finally:
         get_settings.cache_clear()
+
+
+def test_review_shows_the_recall_promise_beside_tau(migrated_sqlite_url: str) -> None:
+    """The τ line names how many misses it was set on and the recall it can promise."""
+    from db.repository import upsert_audit, upsert_inspection
+    from db.rows import AuditRow, InspectionRow
+    from db.session import session_scope
+
+    with session_scope(migrated_sqlite_url) as s:
+        upsert_inspection(s, InspectionRow("P-1", "p.png", "l", "s", datetime.now(UTC), "ok", 0.1))
+        promise = {
+            "n_false_negatives": 8,
+            "caught": 8,
+            "recall_lower_bound": 0.05 ** (1 / 8),
+            "split": "val",
+        }
+        upsert_audit(
+            s,
+            AuditRow(
+                "P-1",
+                "v1",
+                "ensemble_mean",
+                "done",
+                p_defect=0.1,
+                decision_score=0.4,
+                tau=0.3,
+                suspected_false_negative=True,
+                params={"recall_promise": promise},
+            ),
+        )
+    result = CliRunner().invoke(main, ["review", "--url", migrated_sqlite_url])
+    assert result.exit_code == 0, result.output
+    assert "ensemble_mean@v1: τ 0.3000 set on 8 missed defects of val promises recall ≥ 68.8 %" in (
+        result.output
+    )

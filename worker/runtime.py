@@ -298,6 +298,8 @@ def load_runtime(settings: Settings) -> Runtime:
         "target_recall": None if cal is None else cal.target_recall,
         # τ of every method (the review page shows each score against its own τ)
         "taus": {} if cal is None else {m: cal.tau(m) for m in cal.methods},
+        # what the decision method's τ can honestly promise (docs/design.md §3.7)
+        "recall_promise": _promise(cal, settings.decision_method),
     }
     rt = Runtime(settings, pm, suite, cal, device, time.perf_counter() - t0, params)
     log.info(
@@ -309,6 +311,20 @@ def load_runtime(settings: Settings) -> Runtime:
         _torch_threads(),
     )
     return rt
+
+
+def _promise(cal: Calibration | None, method: str) -> dict[str, Any] | None:
+    """The decision method's recall promise from the sidecar: the misses τ was set on and the
+    one-sided 95 % lower bound on recall (None without a calibration or an older sidecar)."""
+    entry = None if cal is None else cal.methods.get(method)
+    if not entry or entry.get("recall_lower_bound") is None:
+        return None
+    return {
+        "n_false_negatives": entry.get("n_positives"),
+        "caught": entry.get("n_false_negatives_caught"),
+        "recall_lower_bound": entry["recall_lower_bound"],
+        "split": cal.split if cal is not None else None,
+    }
 
 
 def _torch_threads() -> int:

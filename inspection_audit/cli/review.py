@@ -174,12 +174,39 @@ def review(ctx: click.Context, limit: int, as_json: bool, url: str | None) -> No
         with session_scope(resolved) as session:
             rows = review_queue(session, limit=limit)
             total = audit_summary(session)["pending_review"] if not as_json else len(rows)
+            promises = _promises(session, rows)
     except (sa.exc.OperationalError, sa.exc.ProgrammingError) as exc:
         raise _not_migrated(resolved, exc) from exc
     if as_json:
         click.echo(json.dumps([{k: _jsonable(v) for k, v in r.items()} for r in rows]))
     else:
         _print_table(rows, total)
+        for line in promises:
+            click.echo(line)
+
+
+def _promises(session: Any, rows: list[dict[str, Any]]) -> list[str]:
+    """One line per (method, model version) in ``rows``: τ and the recall it promises."""
+    from db.repository import get_audit
+
+    out, seen = [], set()
+    for r in rows:
+        key = (r["method"], r["model_version"])
+        if key in seen:
+            continue
+        seen.add(key)
+        audit = get_audit(session, r["inspection_id"], r["model_version"], r["method"]) or {}
+        promise = (audit.get("params") or {}).get("recall_promise")
+        if promise:
+            out.append(
+                f"{key[0]}@{key[1]}: τ {_fmt(r['tau'], 4)} set on {promise['n_false_negatives']} "
+                f"missed defects of {promise.get('split') or 'the calibration split'} promises "
+                f"recall ≥ {100 * promise['recall_lower_bound']:.1f} % of new misses (95 % "
+                "confidence)"
+            )
+        else:
+            out.append(f"{key[0]}@{key[1]}: τ {_fmt(r['tau'], 4)} (no recall promise recorded)")
+    return out
 
 
 @review.command("verdict")
