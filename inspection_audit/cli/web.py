@@ -49,7 +49,10 @@ def serve(host: str, port: int, workers: int, log_level: str) -> None:
     problem = check_database(settings.resolved_database_url)
     if problem:
         raise click.ClickException(problem.replace("this worker", "the review station"))
-    session_secret(settings)  # made once, before several processes race for it
+    try:
+        session_secret(settings)  # made once, before several processes race for it
+    except AccountsError as exc:
+        raise click.ClickException(str(exc)) from exc
     console.print(
         f"[bold]review station[/] http://{host}:{port}/  ({len(accounts.users)} reviewer(s), "
         f"{len(accounts.tokens)} API token(s); database "

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import os
@@ -34,6 +35,8 @@ SCRYPT_N = 2**14
 SCRYPT_R = 8
 SCRYPT_P = 1
 SCRYPT_DKLEN = 32
+#: Shortest session secret accepted from the secret file.
+MIN_SECRET_CHARS = 16
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._@-")
 
 
@@ -249,13 +252,25 @@ def session_secret(settings: Settings) -> str:
         return settings.web_secret.get_secret_value()
     path = settings.home.expanduser() / "web-secret"
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_text().strip()
-    with os.fdopen(fd, "w") as fh:
-        secret = secrets.token_urlsafe(32)
-        fh.write(secret + "\n")
+    if not path.exists():
+        # written in full to a private temporary file, then linked into place: the secret
+        # file never exists half-written, and of two processes racing only one link wins
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_urlsafe(32) + "\n")
+            with contextlib.suppress(FileExistsError):  # another process linked first
+                os.link(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    secret = path.read_text().strip()
+    if len(secret) < MIN_SECRET_CHARS:
+        raise AccountsError(
+            f"session secret file {path} holds {len(secret)} character(s), fewer than "
+            f"{MIN_SECRET_CHARS}: anyone could sign a session cookie with it. Delete the file "
+            "(a new random key is made) or set INSPECTION_AUDIT_WEB_SECRET"
+        )
     return secret
 
 
