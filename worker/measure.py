@@ -113,12 +113,19 @@ class AuditSuite:
             unknown = [v for v in self.views if v not in DIHEDRAL_VIEWS]
             if unknown:
                 raise SuiteError(f"unknown views {unknown}; choose from {DIHEDRAL_VIEWS}")
+            repeated = sorted({v for v in self.views if self.views.count(v) > 1})
+            if repeated:
+                raise SuiteError(f"views {repeated} are given more than once")
             swaps = {"transpose", "rot90", "rot270", "antitranspose"} & set(self.views)
-            h, w = self.pm.input_size
-            if swaps and h != w:
-                raise SuiteError(
-                    f"views {sorted(swaps)} swap height and width; the model input is {h}x{w}"
-                )
+            # the auditors are scored on the views too (auditor_views_mean)
+            for m in [self.pm, *self.groups.get("auditor", [])]:
+                h, w = m.input_size
+                if swaps and h != w:
+                    who = "the model" if m is self.pm else f"auditor {m.path or m.model_version}"
+                    raise SuiteError(
+                        f"views {sorted(swaps)} swap height and width; the input of {who} "
+                        f"is {h}x{w}"
+                    )
 
     @property
     def device(self) -> torch.device:
