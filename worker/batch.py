@@ -739,5 +739,6 @@ def result_path(s: Settings, model_version: str, method: str, inspection_id: str
 
 def result_folder(s: Settings, model_version: str, method: str, inspection_id: str) -> Path:
     """The folder of one inspection's review maps (``<results>/overlays/<version>/<method>/<id>/``)."""
-    name = re.sub(r"[^A-Za-z0-9._-]", "_", inspection_id)
-    return s.resolved_results_dir / "overlays" / model_version / method / name
+    from worker.model.naming import safe_name
+
+    return s.resolved_results_dir / "overlays" / model_version / method / safe_name(inspection_id)

@@ -25,6 +25,16 @@ def map_title(name: str) -> str:
     return name
 
 
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
 def safe_name(text: str) -> str:
-    """``text`` with anything but ``[A-Za-z0-9._-]`` replaced by ``_`` (a file name)."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", text)
+    """``text`` as a file name: anything but ``[A-Za-z0-9._-]`` becomes ``~XX`` per UTF-8 byte.
+
+    Distinct texts give distinct names (``LINE3:ST2`` → ``LINE3~3aST2``, never the name of the
+    valid id ``LINE3_ST2``), so two inspections never share a review-map folder or an exported
+    image.
+    """
+    return _UNSAFE.sub(
+        lambda m: "".join(f"~{b:02x}" for b in m.group().encode("utf-8", "surrogatepass")), text
+    )
