@@ -141,7 +141,7 @@ class AuditSuite:
             },
             **({"views": list(self.views)} if self.views else {}),
             **(
-                {"anomaly_banks": {b.name: b.bank.model_version for b in self.banks}}
+                {"anomaly_banks": {b.name: bank_identity(b.bank) for b in self.banks}}
                 if self.banks
                 else {}
             ),
@@ -302,6 +302,26 @@ def anomaly_batch(scorer: BankScorer, images: Sequence[Tensor]) -> tuple[Tensor,
     valid = torch.stack([p[1] for p in pairs]).to(device)
     out = anomaly_scores(feats, scorer.index, bank.input_size, valid=valid)
     return out.scores.detach().float().cpu(), out.maps.detach().float().cpu()
+
+
+def bank_identity(bank: Any) -> dict[str, Any]:
+    """What identifies a bank in a calibration's record: the model version it is tied to, its
+    layers, and a fingerprint of its patches (two banks of one kind for one model, e.g. with
+    other layers or from other ok images, have other distance scales: τ of one is not valid
+    for the other)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in (bank.bank, bank.projection):
+        if t is not None:
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.detach().cpu().contiguous().float().numpy().tobytes())
+    h.update(repr((tuple(bank.layers), tuple(bank.input_size), bank.resize_mode)).encode())
+    return {
+        "model_version": bank.model_version,
+        "layers": list(bank.layers),
+        "fingerprint": h.hexdigest()[:16],
+    }
 
 
 def bank_input(image: Tensor, bank: Any) -> tuple[Tensor, Tensor]:
