@@ -167,7 +167,9 @@ def _score_with_model(
         xs = []
         for it in chunk:
             try:
-                xs.append(preprocess(it.path, pm.input_size, pm.in_channels, limits))
+                xs.append(
+                    preprocess(it.path, pm.input_size, pm.in_channels, limits, resize=pm.resize)
+                )
             except ImageError as exc:
                 raise click.ClickException(f"{it.path}: {exc}") from None
         with torch.no_grad():

@@ -267,7 +267,7 @@ def line_calls(ckpt: Path, records: list[Any]) -> list[float]:
     from worker.model.checkpoint import load_checkpoint, p_defect_from_logits, predict_logits
 
     pm = load_checkpoint(ckpt)
-    x, _ = load_tensors(records, pm.input_size, pm.in_channels, "production model", True)
+    x, _ = load_tensors(records, pm.input_size, pm.in_channels, "production model", True, pm.resize)
     with torch.no_grad():
         z = predict_logits(pm.model, x)
     return [float(p) for p in p_defect_from_logits(z, pm.defect_index).tolist()]
