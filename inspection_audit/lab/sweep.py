@@ -64,7 +64,7 @@ def run_sweep(
     """Score ``split`` under every variant; returns per-variant metrics and a ranking by AUROC."""
     pm = load_checkpoint(model)
     records = read_manifest(manifest, split)
-    x, y = load_tensors(records, pm.input_size, pm.in_channels, "loading images")
+    x, y = load_tensors(records, pm.input_size, pm.in_channels, "loading images", resize=pm.resize)
     results: list[dict[str, Any]] = []
     base: dict[str, Any] = {}
     vs = variants()
