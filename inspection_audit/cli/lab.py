@@ -140,20 +140,51 @@ def _parse_recipe(spec: str) -> Any:
     values: dict[str, Any] = {}
     for part in _csv(spec):
         key, _, raw = part.partition("=")
-        key = key.strip()
+        key, raw = key.strip(), raw.strip()
         if key not in known:
             raise click.BadParameter(f"unknown recipe field {key!r} in {spec!r}")
-        if key == "image_size":
-            values[key] = parse_image_size(raw)
-        elif isinstance(getattr(Recipe(), key), bool):
-            values[key] = raw.strip().lower() in ("1", "true", "yes")
-        elif isinstance(getattr(Recipe(), key), int):
-            values[key] = int(raw)
-        elif isinstance(getattr(Recipe(), key), float):
-            values[key] = float(raw)
-        else:
-            values[key] = raw.strip()
+        default = getattr(Recipe(), key)
+        try:
+            if key == "image_size":
+                values[key] = parse_image_size(raw)
+            elif isinstance(default, bool):
+                flags = {
+                    "1": True,
+                    "true": True,
+                    "yes": True,
+                    "0": False,
+                    "false": False,
+                    "no": False,
+                }
+                if raw.lower() not in flags:
+                    raise ValueError("must be true or false")
+                values[key] = flags[raw.lower()]
+            elif isinstance(default, int):
+                values[key] = int(raw)
+            elif isinstance(default, float):
+                values[key] = float(raw)
+            else:
+                values[key] = raw
+        except ValueError as exc:
+            raise click.BadParameter(f"{key}={raw!r} in {spec!r}: {exc}") from None
+        allowed = RECIPE_CHOICES.get(key)
+        if allowed is not None and values[key] not in allowed:
+            raise click.BadParameter(
+                f"{key}={raw!r} in {spec!r}: choose from {', '.join(map(str, allowed))}"
+            )
+        if key in ("epochs", "batch_size") and values[key] < 1:
+            raise click.BadParameter(f"{key}={raw!r} in {spec!r}: must be >= 1")
     return Recipe(**values)
+
+
+#: Values a recipe field may take (the same choices as `train`'s options).
+RECIPE_CHOICES: dict[str, tuple[Any, ...]] = {
+    "augment": ("flips", "basic", "affine", "none"),
+    "resize": ("squash", "pad"),
+    "optimizer": ("adamw", "sgd"),
+    "in_channels": (1, 3),
+    "num_classes": (1, 2),
+}
 
 
 def _threads(n: int) -> None:
