@@ -30,7 +30,7 @@ from db.models import (
     Review,
     review_queue_view,
 )
-from db.rows import AuditRow, InspectionRow
+from db.rows import AuditRow, InspectionRow, storable_text
 
 _AUDIT_WRITABLE = (*AUDIT_KEY_COLUMNS, *AUDIT_RESULT_COLUMNS, "delivery_count")
 
@@ -189,6 +189,8 @@ def record_verdict(
     ).first()
     if exists is None:
         raise LookupError(f"no inspection with inspection_id {inspection_id!r}")
+    if note is not None:
+        note = storable_text(note)  # a NUL in a reviewer's note must not refuse the verdict
     review = Review(inspection_id=inspection_id, verdict=verdict, reviewer=reviewer, note=note)
     session.add(review)
     session.flush()

@@ -57,8 +57,10 @@ def _file(path: Path | None) -> FileResponse:
 def audit_map(audit_id: int, name: str, st: StateDep) -> FileResponse:
     """A review map of an audit: ``composite`` (the queue's thumbnail) or a map's name."""
     from db.session import session_scope
-    from inspection_audit.web.queries import audit_by_id
+    from inspection_audit.web.queries import MAX_ID, audit_by_id
 
+    if not 0 <= audit_id <= MAX_ID:
+        raise HTTPException(404, "not found")
     with session_scope(st.url) as session:
         row = audit_by_id(session, audit_id)
     if row is None:
@@ -79,8 +81,11 @@ def original(inspection_id: str, st: StateDep) -> FileResponse:
 
     from db.models import Inspection
     from db.session import session_scope
+    from inspection_audit.web.queries import stored_id
     from worker.model.images import ImageError, resolve_under_roots
 
+    if not stored_id(inspection_id):
+        raise HTTPException(404, "not found")
     with session_scope(st.url) as session:
         ref = session.execute(
             sa.select(Inspection.image_ref).where(Inspection.inspection_id == inspection_id)

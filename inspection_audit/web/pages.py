@@ -222,8 +222,10 @@ def inspection_page(
     audit_id: int | None = None,
 ) -> Response:
     from db.session import session_scope
-    from inspection_audit.web.queries import cursor_of, inspection_view, neighbours
+    from inspection_audit.web.queries import cursor_of, inspection_view, neighbours, stored_id
 
+    if not stored_id(inspection_id):
+        raise HTTPException(404, f"no inspection {inspection_id!r}")
     f, problem = _filter(request)
     with session_scope(st.url) as session:
         view = inspection_view(session, inspection_id)
@@ -282,8 +284,16 @@ async def verdict(
     then open the next queue item (``return=next``, default) or go back (``return=queue``)."""
     from db.repository import record_verdict
     from db.session import session_scope
-    from inspection_audit.web.queries import BadFilter, Cursor, QueueFilter, neighbours
+    from inspection_audit.web.queries import (
+        BadFilter,
+        Cursor,
+        QueueFilter,
+        neighbours,
+        stored_id,
+    )
 
+    if not stored_id(inspection_id):
+        raise HTTPException(404, f"no inspection {inspection_id!r}")
     form = await request.form()
     choice = str(form.get("verdict", ""))
     stored = {"confirmed": "confirmed_defect", "cleared": "cleared"}.get(choice)

@@ -25,6 +25,20 @@ I = Inspection.__table__.c  # noqa: E741 - the usual alias of the inspections ta
 R = Review.__table__.c
 
 
+#: Largest row id (a 64-bit integer column); anything larger cannot name a row.
+MAX_ID = 2**63 - 1
+
+
+def stored_id(inspection_id: str) -> bool:
+    """Whether ``inspection_id`` could be stored at all (the producer's pattern, at most 128
+    characters): anything else names no inspection (and must not reach the database)."""
+    import re
+
+    from producer.schema import INSPECTION_ID_PATTERN
+
+    return len(inspection_id) <= 128 and re.match(INSPECTION_ID_PATTERN, inspection_id) is not None
+
+
 class BadFilter(ValueError):
     """A queue filter that cannot be read (e.g. a malformed time); the message says which."""
 
@@ -64,7 +78,11 @@ class QueueFilter:
         """
 
         def text(key: str) -> str | None:
+            from db.rows import text_problem
+
             v = params.get(key)
+            if v and text_problem(v) is not None:
+                raise BadFilter(f"{key}: {text_problem(v)}")
             return v.strip()[:128] if v and v.strip() else None
 
         return cls(
@@ -123,6 +141,8 @@ class Cursor:
         try:
             c = cls(float(score), int(aid))
         except ValueError:
+            return None
+        if not 0 <= c.audit_id <= MAX_ID:
             return None
         return c if c.score == c.score and abs(c.score) != float("inf") else None
 
