@@ -89,7 +89,7 @@ def _read_manifest(manifest: Path, split: str | None) -> list[tuple[Path, str]]:
         raise click.BadParameter(f"manifest not found: {manifest}", param_hint="--manifest")
     folder = manifest.parent.absolute()
     rows: list[tuple[Path, str]] = []
-    with manifest.open(newline="") as fh:
+    with manifest.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         need = {"path"} | ({"split"} if split else set())
         if reader.fieldnames is None or not need <= set(reader.fieldnames):

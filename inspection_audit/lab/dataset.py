@@ -54,7 +54,8 @@ def read_manifest(manifest: str | Path, split: str | None = None) -> list[Record
         raise ManifestError(f"manifest not found: {manifest}")
     root = manifest.parent
     out: list[Record] = []
-    with manifest.open(newline="") as fh:
+    # utf-8-sig: a manifest saved by a spreadsheet ("CSV UTF-8") starts with a byte-order mark
+    with manifest.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         need = {"path", "label", "split"}
         if reader.fieldnames is None or not need <= set(reader.fieldnames):
@@ -62,6 +63,9 @@ def read_manifest(manifest: str | Path, split: str | None = None) -> list[Record
                 f"{manifest}: needs columns {sorted(need)}, has {reader.fieldnames}"
             )
         for i, row in enumerate(reader, start=2):
+            missing = [k for k in sorted(need) if row.get(k) is None]
+            if missing:
+                raise ManifestError(f"{manifest}:{i}: the row has no {', '.join(missing)}")
             label, sp = row["label"].strip(), row["split"].strip()
             if label not in LABELS:
                 raise ManifestError(f"{manifest}:{i}: label must be ok/defect, got {label!r}")
