@@ -20,9 +20,10 @@ review page and ``export`` can show and copy the original. Without it a multipar
 inline as base64 (so within ``max_inline_bytes``) and only the worker's review-map copy of the
 image is kept.
 
-**Idempotent.** An ``inspection_id`` that already has its row is answered 202 with
-``"status": "duplicate"`` and not sent again; one sent twice before its row exists reaches the
-worker twice, which writes one row (the upsert, docs/design.md §6).
+**Idempotent.** An ``inspection_id`` that already has its ``done`` row, or waits in the outbox,
+is answered 202 with ``"status": "duplicate"`` and not sent again; one whose rows are all
+``error`` is sent again (a late success replaces the error row); one sent twice at the same
+moment reaches the worker twice, which writes one row (the upsert, docs/design.md §6).
 """
 
 from __future__ import annotations
@@ -217,17 +218,24 @@ def _persist(upload_dir: Path, iid: str, data: bytes, suffix: str) -> Path:
 
 
 def _exists(st: State, iid: str) -> bool:
-    """Whether ``iid`` was taken before: it has its inspection row, or it waits in the outbox
-    (queued, not yet audited). One query on the app's autocommit read engine (no transaction,
-    no pre-ping round trip; a connection the server dropped is retried once)."""
+    """Whether ``iid`` was taken before: it has a ``done`` audit row, or it waits in the outbox
+    (queued, no audit row yet). An inspection whose rows are all ``error`` (say its file was
+    not on the workers' mount yet) is not taken: sending it again lets a late success replace
+    the error row (docs/design.md §6). One query on the app's autocommit read engine (no
+    transaction, no pre-ping round trip; a connection the server dropped is retried once)."""
     import sqlalchemy as sa
 
-    from db.models import Inspection, OutboxEntry
+    from db.models import Audit, OutboxEntry
 
+    a = Audit.__table__.c
     stmt = (
-        sa.select(Inspection.inspection_id)
-        .where(Inspection.inspection_id == iid)
-        .union_all(sa.select(OutboxEntry.inspection_id).where(OutboxEntry.inspection_id == iid))
+        sa.select(a.inspection_id)
+        .where(a.inspection_id == iid, a.status == "done")
+        .union_all(
+            sa.select(OutboxEntry.inspection_id).where(
+                OutboxEntry.inspection_id == iid, ~sa.exists().where(a.inspection_id == iid)
+            )
+        )
     )
     for attempt in (1, 2):
         try:
