@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +188,22 @@ RECIPE_CHOICES: dict[str, tuple[Any, ...]] = {
 }
 
 
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """Errors in what the user gave (a manifest, a checkpoint, a second opinion, a bank) as one
+    line and exit code 1, not a traceback."""
+    from inspection_audit.lab.dataset import ManifestError
+    from worker.engine.anomaly import BankError
+    from worker.engine.calibration import CalibrationError
+    from worker.measure import SuiteError
+    from worker.model.checkpoint import CheckpointError
+
+    try:
+        yield
+    except (ManifestError, SuiteError, BankError, CheckpointError, CalibrationError) as exc:
+        raise click.ClickException(" ".join(str(exc).split())) from None
+
+
 def _threads(n: int) -> None:
     import torch
 
@@ -277,13 +294,14 @@ def train(manifest: Path, out: Path, snapshot_epochs: str, threads: int, **kw: A
 
     _threads(threads)
     snaps = tuple(int(s) for s in snapshot_epochs.split(",") if s.strip())
-    res = train_model(
-        read_manifest(manifest, "train"),
-        read_manifest(manifest, "val"),
-        out,
-        _recipe(kw),
-        snapshot_epochs=snaps,
-    )
+    with _user_errors():
+        res = train_model(
+            read_manifest(manifest, "train"),
+            read_manifest(manifest, "val"),
+            out,
+            _recipe(kw),
+            snapshot_epochs=snaps,
+        )
     click.echo(
         f"wrote {out} (model_version {res.model_version}, best epoch {res.best_epoch}, "
         f"{res.seconds:.0f} s)"
@@ -311,14 +329,15 @@ def calibrate(
     from worker.engine.calibration import sidecar_path
 
     _threads(threads)
-    cal = calibrate_checkpoint(
-        manifest,
-        model,
-        split=split,
-        target_recall=target_recall,
-        config=_config(kw),
-        plan=_plan(kw),
-    )
+    with _user_errors():
+        cal = calibrate_checkpoint(
+            manifest,
+            model,
+            split=split,
+            target_recall=target_recall,
+            config=_config(kw),
+            plan=_plan(kw),
+        )
     click.echo(
         f"wrote {sidecar_path(model)} (model_version {cal.model_version}, split {split}, "
         f"target FN recall {target_recall})"
@@ -408,23 +427,24 @@ def evaluate(
     if model is None and folds < 2:
         raise click.UsageError("give --model CKPT, or --folds K (K ≥ 2) to train K models")
     command = "inspection-audit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    metrics = run(
-        manifest,
-        out,
-        model=model,
-        split=split,
-        calibration_split=calibration_split,
-        folds=folds,
-        recipe=_recipe(kw),
-        config=_config(kw),
-        target_recall=target_recall,
-        decision_method=decision_method,
-        n_boot=bootstrap,
-        command=command,
-        seed=kw["seed"],
-        folds_dir=folds_dir,
-        plan=_plan({**kw, "snapshot_epochs": snapshot_epochs}, folds=folds >= 2),
-    )
+    with _user_errors():
+        metrics = run(
+            manifest,
+            out,
+            model=model,
+            split=split,
+            calibration_split=calibration_split,
+            folds=folds,
+            recipe=_recipe(kw),
+            config=_config(kw),
+            target_recall=target_recall,
+            decision_method=decision_method,
+            n_boot=bootstrap,
+            command=command,
+            seed=kw["seed"],
+            folds_dir=folds_dir,
+            plan=_plan({**kw, "snapshot_epochs": snapshot_epochs}, folds=folds >= 2),
+        )
     c = metrics["counts"]
     click.echo(
         f"{c['n_images']} images, accuracy {100 * c['accuracy']:.1f} %, predicted ok {c['n_predicted_ok']}: "
@@ -506,8 +526,9 @@ def fit_bank(
     from worker.model.preprocess import load_image
 
     _threads(threads)
-    pm = load_checkpoint(model)
-    train_records = read_manifest(manifest, "train")
+    with _user_errors():
+        pm = load_checkpoint(model)
+        train_records = read_manifest(manifest, "train")
     if layers:
         ok = [load_image(r.path, pm.in_channels) for r in train_records if r.label == "ok"]
         bank = build_bank(kind, pm, ok, _csv(layers), coreset_size=coreset, seed=seed)
