@@ -108,12 +108,13 @@ def decode_image(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Ima
         raise ImageError(
             f"image is {w}x{h}, aspect ratio over the limit of {limits.max_aspect_ratio}"
         )
+    decoded: Image.Image = img
     if img.format == "PPM" and img.mode == "I":
         # a 16-bit PGM (maxval > 255) holds 16-bit values in mode "I": say so, or its depth
         # would be guessed from its content (a dark image read 257 times brighter)
-        img = img.convert("I;16")
+        decoded = img.convert("I;16")
     try:
-        upright = ImageOps.exif_transpose(img)
+        upright = ImageOps.exif_transpose(decoded)
     except Exception:  # a broken EXIF block is not worth losing the image for
         upright = None
-    return upright if upright is not None else img
+    return upright if upright is not None else decoded
