@@ -24,8 +24,8 @@ def _bank(pm, images, layers, out: Path) -> Path:
 
 
 def test_calibration_with_bank_a_is_refused_with_bank_b(tmp_path: Path) -> None:
+    from worker.engine import EngineConfig, ReliabilityEngine
     from worker.engine.calibration import Calibration, sidecar_path
-    from worker.engine.score import EngineConfig, ReliabilityEngine
     from worker.measure import load_suite
     from worker.model.checkpoint import load_checkpoint
     from worker.runtime import RuntimeConfigError, validate
