@@ -45,7 +45,9 @@ def current_identity(request: Request, st: StateDep) -> Identity:
     """The reviewer of the session cookie, or the API client of the ``Bearer`` token.
 
     Raises:
-        NotAuthenticated: neither is valid (a bad token is never tried as a session).
+        NotAuthenticated: neither is valid (a bad bearer token is never tried as a session;
+            an ``Authorization`` header of another scheme is left to the proxy that asked for
+            it).
     """
     header = request.headers.get("authorization")
     if header:
@@ -54,7 +56,9 @@ def current_identity(request: Request, st: StateDep) -> Identity:
             owner = st.accounts.token_owner(token.strip())
             if owner is not None:
                 return Identity(owner, "token")
-        raise NotAuthenticated(bearer=True)
+            raise NotAuthenticated(bearer=True)
+        # another scheme (a proxy's Basic auth in front of the station) is not ours to check:
+        # the reviewer's session still decides
     user = request.session.get("user")
     if isinstance(user, str) and user in st.accounts.users:
         return Identity(user, "user")
