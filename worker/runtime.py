@@ -204,6 +204,7 @@ def validate(settings: Settings) -> ModelSummary:
 
     pm, cal, suite = _load(settings, "cpu")
     path = _checkpoint_path(settings)
+    _check_measured(settings.decision_method, suite)
     blind = (
         REGISTRY.get(settings.decision_method).needs_adversarial
         and suite.engine.config.attack == "none"
@@ -219,6 +220,34 @@ def validate(settings: Settings) -> ModelSummary:
         tau=None if cal is None else cal.tau(settings.decision_method),
         decision_method=settings.decision_method,
     )
+
+
+def _check_measured(method: str, suite: AuditSuite) -> None:
+    """Refuse a second-opinion decision method whose measurement the suite never makes (its
+    auditors, snapshots, views or bank are not turned on): every image would score NULL and
+    none would ever be flagged. One synthetic image is measured to find out.
+
+    Raises:
+        RuntimeConfigError: the method's score is missing.
+    """
+    import torch
+
+    from worker.engine.methods import REGISTRY
+
+    m = REGISTRY.get(method)
+    if m.family != "second_opinion":
+        return
+    h, w = suite.pm.input_size
+    gen = torch.Generator().manual_seed(0)
+    image = (0.5 + 0.1 * torch.randn(suite.pm.in_channels, h, w, generator=gen)).clamp(0, 1)
+    row = suite.measure([image]).rows[0]
+    if m.score(row) is None:
+        raise RuntimeConfigError(
+            f"decision method {method} reads a second opinion the settings do not turn on "
+            f"(they give {suite.describe() or 'none'}): every image would score NULL and none "
+            "would be flagged; set its auditor, snapshot, views or anomaly bank setting, or "
+            "choose another decision method"
+        )
 
 
 class Decision(NamedTuple):
