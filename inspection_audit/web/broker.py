@@ -76,16 +76,27 @@ def queue_depth(settings: Settings) -> int:
         ) from exc
 
 
-def _captured_at(envelope: dict[str, Any]) -> datetime | None:
-    """``captured_at`` of the inspection in a kombu envelope (Celery protocol 2)."""
+def _captured_at(envelope: Any) -> datetime | None:
+    """``captured_at`` of the inspection in a kombu envelope (Celery protocol 2), or None for
+    anything else (a malformed entry waits there until a worker records it as a dead letter;
+    a capture time without an offset is not one the producer sends)."""
     try:
         body: Any = envelope["body"]
         if envelope.get("properties", {}).get("body_encoding") == "base64":
             body = base64.b64decode(body)
         args = json.loads(body)[0]
         value = args[0]["captured_at"]
-        return datetime.fromisoformat(value)
-    except (KeyError, IndexError, TypeError, ValueError):
+        when = datetime.fromisoformat(value)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError):
+        return None
+    return when if when.tzinfo is not None else None
+
+
+def _envelope(raw: bytes | str) -> Any:
+    """A queue entry parsed as JSON, or None when it is not JSON."""
+    try:
+        return json.loads(raw)
+    except ValueError:
         return None
 
 
@@ -121,7 +132,7 @@ def _oldest_redis(settings: Settings) -> datetime | None:
                 # kombu LPUSHes and BRPOPs: the oldest message of a list is at its right end
                 raw = client.lindex(channel._q_for_pri(settings.queue, pri), -1)
                 if raw:
-                    when = _captured_at(json.loads(raw))
+                    when = _captured_at(_envelope(raw))
                     if when is not None:
                         found.append(when)
             return min(found) if found else None
