@@ -260,8 +260,15 @@ def session_secret(settings: Settings) -> str:
         try:
             with os.fdopen(fd, "w") as fh:
                 fh.write(secrets.token_urlsafe(32) + "\n")
-            with contextlib.suppress(FileExistsError):  # another process linked first
+            try:
                 os.link(tmp, path)
+            except FileExistsError:
+                pass  # another process linked first: its secret is the one
+            except OSError:  # a filesystem without hard links: create it exclusively
+                with contextlib.suppress(FileExistsError):
+                    out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                    with os.fdopen(out, "w") as fh:
+                        fh.write(tmp.read_text())
         finally:
             tmp.unlink(missing_ok=True)
     secret = path.read_text().strip()
