@@ -19,8 +19,7 @@ def _samples(settings: Settings) -> dict[str, list[tuple[dict[str, str], float]]
     from inspection_audit.web.metrics import AuditCollector
 
     return {
-        m.name: [(s.labels, s.value) for s in m.samples]
-        for m in AuditCollector(settings).collect()
+        m.name: [(s.labels, s.value) for s in m.samples] for m in AuditCollector(settings).collect()
     }
 
 
