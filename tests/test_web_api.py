@@ -478,3 +478,28 @@ def test_token_is_not_a_password(station: Station) -> None:
         "/login", data={"username": "line", "password": TOKEN, "csrf_token": token}
     )
     assert r.status_code == 401
+
+
+def test_api_tokens_cannot_decide_or_export(
+    migrated_url: str, queue_settings: Settings, tmp_path: Path
+) -> None:
+    """A line gateway's token may ingest and read; a verdict names a person, so it and the
+    export of reviewed images need a logged-in reviewer (403 for a token, nothing recorded)."""
+    import sqlalchemy as sa
+
+    from db.models import Review
+    from inspection_audit.web import create_app
+
+    s = web_settings(queue_settings, tmp_path, migrated_url)
+    fill(s, flagged=1, unflagged=0, errors=0, maps=False)
+    with TestClient(create_app(s)) as client:
+        r = client.post(
+            "/inspections/INS-flagged-0000/verdict", data={"verdict": "cleared"}, headers=bearer()
+        )
+        assert r.status_code == 403
+        assert client.get("/export.zip", headers=bearer()).status_code == 403
+        assert (
+            client.get("/api/v1/inspections/INS-flagged-0000", headers=bearer()).status_code == 200
+        )
+    with session_scope(migrated_url) as session:
+        assert session.execute(sa.select(sa.func.count()).select_from(Review)).scalar_one() == 0

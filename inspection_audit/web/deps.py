@@ -83,7 +83,19 @@ async def csrf_checked(request: Request, who: WhoDep) -> Identity:
     return who
 
 
+async def reviewer_only(who: CsrfDep) -> Identity:
+    """A logged-in reviewer (session), not an API token: verdicts name a person, and the export
+    hands out the reviewed images; a line gateway's or a Prometheus scraper's token may ingest
+    and read, never decide (403 otherwise)."""
+    if who.kind != "user":
+        raise HTTPException(
+            403, "verdicts and exports are for logged-in reviewers, not for API tokens"
+        )
+    return who
+
+
 #: Route parameters (FastAPI's ``Annotated`` dependencies).
 StateDep = Annotated[State, Depends(state)]
 WhoDep = Annotated[Identity, Depends(current_identity)]
 CsrfDep = Annotated[Identity, Depends(csrf_checked)]
+ReviewerDep = Annotated[Identity, Depends(reviewer_only)]

@@ -14,7 +14,7 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Resp
 from starlette.background import BackgroundTask
 
 from inspection_audit.web.auth import csrf_ok, csrf_token
-from inspection_audit.web.deps import CsrfDep, State, StateDep, WhoDep
+from inspection_audit.web.deps import CsrfDep, ReviewerDep, State, StateDep, WhoDep
 
 router = APIRouter(include_in_schema=False)
 
@@ -277,7 +277,7 @@ def inspection_page(
 async def verdict(
     request: Request,
     inspection_id: str,
-    who: CsrfDep,
+    who: ReviewerDep,
     st: StateDep,
 ) -> Response:
     """Record ``confirmed`` or ``cleared`` for the inspection (reviewer = the logged-in user),
@@ -341,7 +341,7 @@ def overview_page(
 
 @router.get("/export.zip")
 def export_zip(
-    who: WhoDep,
+    who: ReviewerDep,
     st: StateDep,
     verdict: Annotated[list[str] | None, Query()] = None,
 ) -> Response:
