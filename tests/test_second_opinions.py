@@ -267,3 +267,39 @@ def test_lab_measures_nested_second_opinions(tmp_path: Path) -> None:
         assert float(r["ensemble_mean"]) == pytest.approx(
             (float(r["p_defect"]) + float(r["auditor_mean"])) / 2, abs=1e-6
         )
+
+
+def test_an_interrupted_training_leaves_no_finished_looking_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out-of-fold evaluation reuses any fold checkpoint whose recipe matches, so a run cut
+    after its first epoch must not leave one at the final path."""
+    from inspection_audit.lab.dataset import read_manifest
+    from inspection_audit.lab.training import Recipe, train_model
+    from worker.model.checkpoint import load_checkpoint
+
+    manifest = tiny_manifest(tmp_path, n_ok=10, n_defect=6, size=32)
+    tr, va = read_manifest(manifest, "train"), read_manifest(manifest, "val")
+    recipe = Recipe(arch="resnet18", image_size=32, epochs=3, batch_size=8)
+    out = tmp_path / "fold0.pt"
+    steps_per_epoch = math.ceil(len(tr) / recipe.batch_size)
+    real_step = torch.optim.lr_scheduler.OneCycleLR.step
+    calls = {"n": 0}
+
+    def step_then_cut(self: torch.optim.lr_scheduler.OneCycleLR, *a: object) -> None:
+        calls["n"] += 1
+        # the constructor steps once; then one step per batch: past that, epoch 1 finished
+        # (and was kept as the best so far)
+        if calls["n"] > 1 + steps_per_epoch:
+            raise KeyboardInterrupt
+        real_step(self, *a)
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.optim.lr_scheduler.OneCycleLR, "step", step_then_cut)
+        with pytest.raises(KeyboardInterrupt):
+            train_model(tr, va, out, recipe, show_progress=False)
+    assert not out.exists()
+    assert out.with_name("fold0.pt.partial").is_file()  # epoch 1's weights, kept aside
+    result = train_model(tr, va, out, recipe, show_progress=False)
+    assert out.is_file() and not out.with_name("fold0.pt.partial").exists()
+    assert load_checkpoint(out).model_version == result.model_version

@@ -170,6 +170,10 @@ def train_model(
 ) -> TrainResult:
     """Train ``recipe.arch`` from scratch and write the best-on-val checkpoint to ``out``.
 
+    The best epoch so far is kept in ``<out>.partial`` and moved to ``out`` only after the last
+    epoch, so an interrupted run never leaves a checkpoint that looks finished (out-of-fold
+    evaluation reuses any ``out`` whose recipe matches).
+
     ``snapshot_epochs`` also writes ``<out stem>-epoch<N>.pt`` after those epochs (weaker
     production models for evaluation). Returns the validation figures of the kept epoch.
 
@@ -215,6 +219,7 @@ def train_model(
         opt, max_lr=recipe.lr, total_steps=recipe.epochs * steps_per_epoch, pct_start=0.2
     )
     out = Path(out)
+    partial = out.with_name(out.name + ".partial")
     meta: dict[str, Any] = dict(
         arch=recipe.arch,
         num_classes=recipe.num_classes,
@@ -277,7 +282,7 @@ def train_model(
                 best = (acc, rec)
                 version = model_version or f"{recipe.arch}-{out.stem}-e{epoch}-s{recipe.seed}"
                 save_checkpoint(
-                    out,
+                    partial,
                     backbone,
                     model_version=version,
                     best_epoch=epoch,
@@ -299,5 +304,6 @@ def train_model(
             progress.update(
                 task, advance=1, status=f"loss {row['loss']:.3f} val acc {acc:.3f} recall {rec:.3f}"
             )
+    partial.replace(out)
     result.seconds = time.perf_counter() - t0
     return result
