@@ -202,9 +202,12 @@ class Settings(_EngineSettings):  # type: ignore[misc,valid-type]
 
     # --- decision ---------------------------------------------------------------------------
     decision_method: str = Field(
-        default="iou_gap_adv",
+        default="snapshot_mean",
         description="Which score and calibrated τ decide `suspected_false_negative` "
-        "(a name in worker.engine.methods.REGISTRY).",
+        "(a name in worker.engine.methods.REGISTRY). The default, `snapshot_mean` (P(defect) "
+        "averaged over INSPECTION_AUDIT_SNAPSHOT_MODELS), flagged the fewest true negatives at "
+        "100 % FN recall out of fold on magnetic tile (docs/results/README.md); it needs "
+        "snapshots (`train --snapshot-epochs`), and a worker without them refuses to start.",
     )
 
     @field_validator("decision_method")

@@ -1,5 +1,6 @@
 """``inspection-audit demo`` on the embedded default (no server): a tiny synthetic dataset,
-a one-epoch model trained and cached, τ calibrated on val, one worker, the report."""
+a three-epoch model (with snapshots after epochs 1 and 2) trained and cached, τ calibrated on
+val, one worker, the report."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from pathlib import Path
 import click
 import pytest
 
+from inspection_audit.procs import worker_env as procs_worker_env
 from tests.support.models import tiny_manifest
-from tests.support.workers import cli_command, worker_env
+from tests.support.workers import cli_command
 
 
 @pytest.mark.slow
@@ -29,11 +31,12 @@ def test_demo_embedded_default(tmp_path: Path) -> None:
             "--workers",
             "1",
             "--epochs",
-            "1",
+            "3",
             "--image-size",
             "48",
         ),
-        env=worker_env({"home": home, "batch_wait_ms": 50}),
+        # the product's own default decision method (snapshot_mean), not the tests' pinned one
+        env=procs_worker_env({"home": home, "batch_wait_ms": 50}),
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -45,10 +48,16 @@ def test_demo_embedded_default(tmp_path: Path) -> None:
     assert "false negatives caught" in text and "true negatives flagged" in text
     assert re.search(r"errors\s*│\s*0\b", text), text[-3000:]
     assert "review queue" in text
-    # the model is cached under home/models with its calibration sidecar
-    cached = list((home / "models").glob("demo-*.pt"))
-    assert len(cached) == 1
-    assert cached[0].with_name(cached[0].name + ".calibration.json").is_file()
+    assert "snapshot_mean" in text, text[-3000:]
+    # the model is cached under home/models with its calibration sidecar and the snapshots of
+    # its run (3 epochs: after epochs 1 and 2, i.e. round(3 × 0.4), round(3 × 0.6))
+    cached = sorted((home / "models").glob("demo-*.pt"))
+    production = [p for p in cached if "-epoch" not in p.name]
+    assert len(production) == 1
+    assert production[0].with_name(production[0].name + ".calibration.json").is_file()
+    assert [p.name for p in cached if "-epoch" in p.name] == [
+        f"{production[0].stem}-epoch{e}.pt" for e in (1, 2)
+    ]
 
 
 def test_demo_without_dataset_says_where_to_get_one(

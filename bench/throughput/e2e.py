@@ -277,6 +277,9 @@ def run_e2e(
                 "torch_threads": 1,
                 "device": "cpu",
                 "attack": "fgsm",
+                # (e) times the audit (c) through the pipeline: the paper's score decides, so
+                # no second opinion is needed (the default, snapshot_mean, reads snapshots)
+                "decision_method": "iou_gap_adv",
                 "home": home,
                 "save_overlays": "false",
             }

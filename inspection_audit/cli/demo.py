@@ -74,6 +74,13 @@ def demo(dataset: Path | None, workers: int, model: Path | None, epochs: int, im
     models = ensure_models(manifest, home, DemoPlan.sized(image_size, epochs), model)
     cal = ensure_calibration(manifest, models, settings)
     version, method = load_checkpoint(models.production).model_version, settings.decision_method
+    if method not in cal.methods:
+        raise click.ClickException(
+            f"decision method {method} has no τ: it reads a second opinion this demo does not "
+            f"measure ({cal.second_opinions or 'none'}); with --model, put its run's snapshots "
+            "(<stem>-epoch<N>.pt, from `train --snapshot-epochs`) beside it, or set "
+            "INSPECTION_AUDIT_DECISION_METHOD to another method (e.g. msp)"
+        )
     url = settings.resolved_database_url
     upgrade(url)
     dispose_engines()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,10 +74,13 @@ def model_cache_path(
 
 @dataclass(frozen=True)
 class DemoPlan:
-    """What the demo trains and measures: the production model, one small auditor, and the
-    second opinions its decision method needs (banks, views)."""
+    """What the demo trains and measures: the production model with the snapshots of its own
+    run (what the default decision method, ``snapshot_mean``, reads), one small auditor, and
+    any other second opinions (banks, views)."""
 
     production: Recipe = Recipe(arch="resnet18", image_size=128, epochs=15, batch_size=32)
+    #: snapshots of the production run kept after these epochs (as out of fold: 6, 9, 12 of 15)
+    snapshot_epochs: tuple[int, ...] = (6, 9, 12)
     auditor: Recipe | None = Recipe(
         arch="resnet18", image_size=96, epochs=8, batch_size=32, seed=1000
     )
@@ -86,13 +89,16 @@ class DemoPlan:
 
     @classmethod
     def sized(cls, image_size: int, epochs: int) -> DemoPlan:
-        """The default plan at another production size/epochs (the auditor: three quarters of
-        the size, half the epochs, at least 1)."""
+        """The default plan at another production size/epochs (snapshots at 40, 60 and 80 % of
+        the epochs, distinct and before the last; the auditor: three quarters of the size, half
+        the epochs, at least 1)."""
         base = cls()
         assert base.auditor is not None
+        snaps = sorted({max(1, round(epochs * f)) for f in (0.4, 0.6, 0.8)} - {epochs})
         return replace(
             base,
             production=replace(base.production, image_size=image_size, epochs=epochs),
+            snapshot_epochs=tuple(e for e in snaps if e < epochs),
             auditor=replace(
                 base.auditor,
                 image_size=max(32, round(image_size * 0.75)),
@@ -109,15 +115,27 @@ class DemoModels:
     auditors: list[Path]
     banks: list[Path]
     views: tuple[str, ...]
+    snapshots: list[Path] = field(default_factory=list)
 
     def worker_settings(self) -> dict[str, Any]:
         """``INSPECTION_AUDIT_*`` values (lower-case keys) for the workers."""
         return {
             "model": self.production,
             "auditor_models": self.auditors or None,
+            "snapshot_models": self.snapshots or None,
             "anomaly_banks": self.banks or None,
             "views": list(self.views) or None,
         }
+
+
+def snapshot_paths(ckpt: Path, epochs: tuple[int, ...] | None = None) -> list[Path]:
+    """The snapshots of ``ckpt``'s run: ``<stem>-epoch<N>.pt`` beside it, for ``epochs`` (all
+    that exist when ``None``), in epoch order."""
+    if epochs is not None:
+        return [ckpt.with_name(f"{ckpt.stem}-epoch{e}{ckpt.suffix}") for e in epochs]
+    found = ckpt.parent.glob(f"{ckpt.stem}-epoch*{ckpt.suffix}")
+    with_epoch = [(p.stem.rsplit("-epoch", 1)[1], p) for p in found]
+    return [p for e, p in sorted((int(e), p) for e, p in with_epoch if e.isdigit())]
 
 
 def ensure_model(
@@ -126,9 +144,11 @@ def ensure_model(
     recipe: Recipe,
     role: str = "model",
     given: Path | None = None,
+    snapshot_epochs: tuple[int, ...] = (),
 ) -> Path:
     """A checkpoint trained with ``recipe`` on ``manifest``'s train split (best epoch on val),
-    cached under ``<home>/models/`` — or the ``given`` one, checked.
+    cached under ``<home>/models/`` with the snapshots after ``snapshot_epochs`` beside it
+    (:func:`snapshot_paths`) — or the ``given`` one, checked.
 
     Raises:
         click.ClickException: the given checkpoint is unusable.
@@ -145,7 +165,7 @@ def ensure_model(
     import torch
 
     path = model_cache_path(home, manifest, asdict(recipe), role)
-    if path.is_file():
+    if path.is_file() and all(p.is_file() for p in snapshot_paths(path, snapshot_epochs)):
         try:
             load_checkpoint(path)
             console.print(f"[bold]{role}[/] reusing cached {path}")
@@ -162,8 +182,16 @@ def ensure_model(
     # leaves its best epoch so far) is never mistaken for a finished, cached model.
     partial = path.parent / ".partial" / path.name
     res = train_model(
-        read_manifest(manifest, "train"), read_manifest(manifest, "val"), partial, recipe
+        read_manifest(manifest, "train"),
+        read_manifest(manifest, "val"),
+        partial,
+        recipe,
+        snapshot_epochs=snapshot_epochs,
     )
+    for done, final in zip(
+        snapshot_paths(partial, snapshot_epochs), snapshot_paths(path, snapshot_epochs), strict=True
+    ):
+        done.replace(final)
     partial.replace(path)
     console.print(
         f"trained in {res.seconds:.0f} s: best epoch {res.best_epoch}, val accuracy "
@@ -203,13 +231,15 @@ def ensure_bank(manifest: Path, ckpt: Path, kind: str) -> Path:
 def ensure_models(
     manifest: Path, home: Path, plan: DemoPlan, given: Path | None = None
 ) -> DemoModels:
-    """The production model, the auditor and the banks of ``plan`` (trained or reused)."""
-    ckpt = ensure_model(manifest, home, plan.production, "model", given)
+    """The production model with its snapshots, the auditor and the banks of ``plan`` (trained
+    or reused; a ``given`` model brings the snapshots found beside it)."""
+    ckpt = ensure_model(manifest, home, plan.production, "model", given, plan.snapshot_epochs)
+    snapshots = snapshot_paths(ckpt, None if given is not None else plan.snapshot_epochs)
     auditors = (
         [] if plan.auditor is None else [ensure_model(manifest, home, plan.auditor, "auditor")]
     )
     banks = [ensure_bank(manifest, ckpt, kind) for kind in plan.banks]
-    return DemoModels(ckpt, auditors, banks, plan.views)
+    return DemoModels(ckpt, auditors, banks, plan.views, snapshots)
 
 
 def ensure_calibration(manifest: Path, models: DemoModels, settings: Any) -> Any:
@@ -228,6 +258,7 @@ def ensure_calibration(manifest: Path, models: DemoModels, settings: Any) -> Any
     pm = load_checkpoint(ckpt)
     plan = SecondOpinionPlan(
         auditors=tuple(models.auditors),
+        snapshots=tuple(models.snapshots),
         views=models.views,
         banks=tuple(str(b) for b in models.banks),
     )
@@ -237,6 +268,7 @@ def ensure_calibration(manifest: Path, models: DemoModels, settings: Any) -> Any
         pm,
         make_engine(pm, settings.engine_config()),
         auditor_models=models.auditors,
+        snapshot_models=models.snapshots,
         views=models.views,
         anomaly_banks=models.banks,
     ).describe()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,14 @@ from inspection_audit.procs import (
     start_worker,
     stop_workers,
     wait_ready,
-    worker_env,
 )
+from inspection_audit.procs import worker_env as _procs_worker_env
+
+#: The decision method of the pipeline tests' workers. The product's default (``snapshot_mean``)
+#: reads snapshots of the production run, which the tiny test checkpoints do not have (a worker
+#: refuses to start without them), so the tests that are not about the decision method pin the
+#: paper's score, which every checkpoint can compute. A test names another one in ``values``.
+TEST_DECISION_METHOD = "iou_gap_adv"
 
 __all__ = [
     "READY",
@@ -43,6 +49,12 @@ __all__ = [
     "worker_env",
     "write_sidecar",
 ]
+
+
+def worker_env(values: Mapping[str, Any], base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """:func:`inspection_audit.procs.worker_env` with ``decision_method`` =
+    :data:`TEST_DECISION_METHOD` unless ``values`` names one."""
+    return _procs_worker_env({"decision_method": TEST_DECISION_METHOD, **values}, base)
 
 
 def make_images(folder: Path, n: int, *, size: int = 40, seed: int = 0) -> list[Path]:
