@@ -183,6 +183,7 @@ SO_MEASUREMENTS = {
         "ensemble_mean",
         "ensemble_disagreement",
     },
+    "snapshots": {"snapshots", "snapshot_mean", "snapshot_max", "snapshot_ensemble_mean"},
     "views": {"views_mean", "views_max", "views_disagreement"},
     "anomaly_own": {"anomaly_own"},
     "anomaly_imagenet": {"anomaly_imagenet"},
@@ -238,6 +239,8 @@ def test_second_opinion_workloads_quick(tmp_path, monkeypatch):
     assert setup["engine"]["attack"] == "fgsm"
     assert setup["auditor"]["input_size"] == [48, 48]  # the --quick auditor
     assert setup["views"] == ["identity", "hflip", "vflip", "hvflip"]
+    # three snapshots of the production model's architecture and size (32 px here)
+    assert [sn["input_size"] for sn in setup["snapshots"]] == [[32, 32]] * 3
     own = setup["banks"]["own"]
     assert own["layers"] == ["backbone.layer2", "backbone.layer3"]
     assert own["ok_images"] == 2 and own["bank_patches"] <= 64 and own["build_s"] >= 0

@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--second-opinions",
         type=_second_opinions,
         default=None,
-        metavar="none|all|auditor,views,anomaly_own,anomaly_imagenet",
+        metavar="none|all|auditor,snapshots,views,anomaly_own,anomaly_imagenet",
         help="Second opinions timed on top of (c) through AuditSuite.measure (default all; "
         "none: no second-opinion workload).",
     )
@@ -137,6 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="CKPT",
         help="Auditor checkpoint (default: a second random resnet18 at 160 px).",
+    )
+    p.add_argument(
+        "--snapshot",
+        dest="snapshots",
+        type=Path,
+        action="append",
+        default=None,
+        metavar="CKPT",
+        help="A snapshot checkpoint (repeat; default: 3 random models of the production "
+        "model's architecture and size).",
     )
     p.add_argument(
         "--bank-images",
@@ -387,7 +397,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     steps = len(cfg.sizes) * (4 + (3 if run_all else 0) + (4 if gpu else 0)) + 1
     if so_names:
         n_so = len(so_names)
-        steps += 1 + ("auditor" in so_names) + sum(n.startswith("anomaly_") for n in so_names)
+        steps += 1 + ("auditor" in so_names) + ("snapshots" in so_names)
+        steps += sum(n.startswith("anomaly_") for n in so_names)
         steps += len(cfg.sizes) * (1 + n_so + (n_so >= 2))
     if run_e2e_now:
         steps += len(cfg.e2e_sizes) * len(cfg.e2e_workers)
@@ -442,7 +453,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if so_names:  # before (a)-(d): a bad --auditor fails here, not after minutes of timing
             step("second opinions: loading the production model")
             setup = prepare_second_opinions(
-                spec, cfg, ok_decoded, auditor=args.auditor, on_step=step
+                spec,
+                cfg,
+                ok_decoded,
+                auditor=args.auditor,
+                snapshots=args.snapshots,
+                on_step=step,
             )
             report["second_opinions"].update(setup=setup.info, skipped=setup.skipped)
         report["core"] += run_core(spec, pool, cfg, n_threads=1, on_step=step)

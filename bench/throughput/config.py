@@ -33,12 +33,13 @@ KIND_LABELS = {
 
 #: The second opinions, each timed as (c) audit + FGSM plus that one second opinion, through
 #: ``AuditSuite.measure`` (see :mod:`bench.throughput.second`), in the order they are run.
-SECOND_OPINIONS = ("auditor", "views", "anomaly_own", "anomaly_imagenet")
+SECOND_OPINIONS = ("auditor", "snapshots", "views", "anomaly_own", "anomaly_imagenet")
 #: The second-opinion workloads: ``none`` (``measure`` alone), each second opinion, ``all``.
 SO_WORKLOADS = ("none", *SECOND_OPINIONS, "all")
 SO_LABELS = {
     "none": "(c) via AuditSuite.measure, no second opinion",
     "auditor": "(c) + auditor",
+    "snapshots": "(c) + 3 snapshots",
     "views": "(c) + 4 flip views",
     "anomaly_own": "(c) + PatchCore bank, own features",
     "anomaly_imagenet": "(c) + PatchCore bank, EfficientNet-Lite0",
@@ -88,6 +89,9 @@ class BenchConfig:
         second_opinions: the second opinions timed on top of (c) (:data:`SECOND_OPINIONS`,
             empty: no second-opinion workload at all).
         auditor_size: input side in px of the random auditor (a second resnet18, seed + 1).
+        n_snapshots: snapshots of the ``snapshots`` workload (random models of the production
+            model's architecture and size, seeds + 10, + 11, …), as the default decision
+            method ``snapshot_mean`` reads them (3: epochs 6, 9, 12 of 15).
         bank_images: ``ok`` images each PatchCore bank is built from (before timing).
         bank_coreset: patches kept in each bank (greedy k-center coreset).
     """
@@ -106,6 +110,7 @@ class BenchConfig:
     seed: int = 0
     second_opinions: tuple[str, ...] = SECOND_OPINIONS
     auditor_size: int = 160
+    n_snapshots: int = 3
     bank_images: int = 8
     bank_coreset: int = 2000
 

@@ -57,7 +57,8 @@ WHAT_WAS_TIMED = {
     "`ReliabilityEngine.from_production_model(pm, EngineConfig(attack='fgsm'), max_chunk=<the "
     "worker's default>)`. *none*: the engine's (c) plus what `measure` adds (per-image rows, "
     "the three maps cropped and resized to each image's aspect ratio, the display copies). "
-    "*auditor*: plus fitting the images to the auditor's input and its forward pass. *views*: "
+    "*auditor*: plus fitting the images to the auditor's input and its forward pass. "
+    "*snapshots*: plus one forward pass of each snapshot (3, the production model's size). *views*: "
     "plus one forward pass of the production model, without gradients, on the 4 flip views "
     "of x stacked into 4·B images (identity, hflip, vflip, hvflip). *anomaly_own* / *anomaly_imagenet*: plus fitting the images to the bank's "
     "input, the feature model's forward pass to the bank's two layers, PatchCore's 3 × 3 "
@@ -446,6 +447,11 @@ def second_opinion_lines(report: dict[str, Any]) -> list[str]:
             f"* auditor: {aud['description']}, `{aud['model_version']}`, "
             f"{aud['input_size'][0]}×{aud['input_size'][1]} px ({aud['resize']}), loaded in "
             f"{aud['load_s']:.1f} s."
+        )
+    for sn in info.get("snapshots") or ():
+        lines.append(
+            f"* snapshot: {sn['description']}, `{sn['model_version']}`, "
+            f"{sn['input_size'][0]}×{sn['input_size'][1]} px ({sn['resize']})."
         )
     if info.get("views"):
         lines.append(f"* views: {', '.join(info['views'])}.")

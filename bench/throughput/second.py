@@ -141,6 +141,7 @@ class SecondOpinionSetup:
             max_chunk=<worker default>)``.
         selected: the second opinions asked for (:data:`SECOND_OPINIONS` order).
         auditor: the auditor model (``auditor`` selected), else ``None``.
+        snapshots: the snapshot models (``snapshots`` selected), else empty.
         banks: bank kind (``own``, ``imagenet``) → its scorer.
         info: what was built, for the report (JSON): models, views, banks with their build
             time in seconds.
@@ -152,6 +153,7 @@ class SecondOpinionSetup:
     engine: ReliabilityEngine
     selected: tuple[str, ...]
     auditor: ProductionModel | None = None
+    snapshots: list[ProductionModel] = field(default_factory=list)
     banks: dict[str, BankScorer] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
@@ -186,6 +188,8 @@ class SecondOpinionSetup:
         if "auditor" in names:
             assert self.auditor is not None
             groups["auditor"] = [self.auditor]
+        if "snapshots" in names:
+            groups["snapshot"] = list(self.snapshots)
         views = VIEWS if "views" in names else ()
         banks = [self.banks[n.removeprefix("anomaly_")] for n in names if n.startswith("anomaly_")]
         return AuditSuite(self.pm, self.engine, groups, views, banks)
@@ -217,6 +221,35 @@ def auditor_model(
         aspec, workdir / "auditor.pt", model_version=f"bench-auditor-resnet18-seed{seed}-{s}x{s}"
     )
     return _frozen(load_checkpoint(path, "cpu")), aspec.description
+
+
+def snapshot_models(
+    pm: ProductionModel,
+    cfg: BenchConfig,
+    workdir: Path,
+    checkpoints: Sequence[Path] | None = None,
+) -> tuple[list[ProductionModel], list[str]]:
+    """The snapshots and a one-line description of each: ``checkpoints``, else
+    ``cfg.n_snapshots`` models of the production model's architecture at the production input size with
+    random weights (seeds ``cfg.seed + 10 + i``: a snapshot costs a forward pass of the
+    production model whatever its weights), written and loaded as checkpoints; frozen."""
+    from worker.model.checkpoint import load_checkpoint
+
+    if checkpoints:
+        return [_frozen(load_checkpoint(c, "cpu")) for c in checkpoints], [
+            f"checkpoint {c}" for c in checkpoints
+        ]
+    h, _w = pm.input_size
+    models, descs = [], []
+    for i in range(cfg.n_snapshots):
+        seed = cfg.seed + 10 + i
+        sspec = random_model(h, seed, pm.arch, in_channels=pm.in_channels)
+        path = save_model_checkpoint(
+            sspec, workdir / f"snapshot{i}.pt", model_version=f"bench-snapshot{i}-seed{seed}"
+        )
+        models.append(_frozen(load_checkpoint(path, "cpu")))
+        descs.append(sspec.description)
+    return models, descs
 
 
 def _build_bank(
@@ -259,6 +292,7 @@ def prepare_second_opinions(
     ok_images: Sequence[Tensor],
     *,
     auditor: Path | None = None,
+    snapshots: Sequence[Path] | None = None,
     on_step: Callable[[str], None] | None = None,
 ) -> SecondOpinionSetup:
     """Load the production model and the auditor, build the banks (``cfg.second_opinions``).
@@ -272,6 +306,7 @@ def prepare_second_opinions(
         cfg: which second opinions, the auditor size, the banks' images and coreset size.
         ok_images: decoded ``ok`` images ``float32[C, h, w]`` the banks are built from.
         auditor: an auditor checkpoint instead of the random resnet18.
+        snapshots: snapshot checkpoints instead of ``cfg.n_snapshots`` random models.
         on_step: called with a description before each build.
 
     Raises:
@@ -307,6 +342,14 @@ def prepare_second_opinions(
                 "description": desc,
                 "load_s": round(time.perf_counter() - t0, 3),
             }
+        if "snapshots" in selected:
+            if on_step is not None:
+                on_step("second opinions: loading the snapshots")
+            setup.snapshots, descs = snapshot_models(pm, cfg, workdir, snapshots)
+            setup.info["snapshots"] = [
+                {**_model_info(sm), "description": d}
+                for sm, d in zip(setup.snapshots, descs, strict=True)
+            ]
         if "views" in selected:
             setup.info["views"] = list(VIEWS)
         banks: dict[str, Any] = {}
