@@ -2,8 +2,8 @@
 compute the production model's calls the way a line would send them.
 
 The model is cached under ``<home>/models/`` keyed by the manifest's path, its content hash and
-the recipe; training writes into ``.partial`` and moves into place when done, so an interrupted
-run is never mistaken for a finished model.
+the recipe; training writes ``<model>.partial`` and moves it into place when done, so an
+interrupted run is never mistaken for a finished model.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class DemoPlan:
         return replace(
             base,
             production=replace(base.production, image_size=image_size, epochs=epochs),
-            snapshot_epochs=tuple(e for e in snaps if e < epochs),
+            snapshot_epochs=tuple(snaps),
             auditor=replace(
                 base.auditor,
                 image_size=max(32, round(image_size * 0.75)),
@@ -178,21 +178,16 @@ def ensure_model(
         f"{manifest.parent.name} (cached afterwards as {path})"
     )
     torch.set_num_threads(os.cpu_count() or 1)
-    # Train into a side folder and move into place when done: an interrupted run (which
-    # leaves its best epoch so far) is never mistaken for a finished, cached model.
-    partial = path.parent / ".partial" / path.name
+    # train_model keeps the best epoch in <path>.partial and moves it to <path> only after the
+    # last epoch: an interrupted run is never mistaken for a finished, cached model (its
+    # snapshots, written beside it as they come, are trained again with it).
     res = train_model(
         read_manifest(manifest, "train"),
         read_manifest(manifest, "val"),
-        partial,
+        path,
         recipe,
         snapshot_epochs=snapshot_epochs,
     )
-    for done, final in zip(
-        snapshot_paths(partial, snapshot_epochs), snapshot_paths(path, snapshot_epochs), strict=True
-    ):
-        done.replace(final)
-    partial.replace(path)
     console.print(
         f"trained in {res.seconds:.0f} s: best epoch {res.best_epoch}, val accuracy "
         f"{res.val_accuracy:.3f}, val defect recall {res.val_defect_recall:.3f}"
