@@ -83,6 +83,10 @@ def test_masks_regions_and_outlines() -> None:
     far = cam_mask(_blob(40, 60, 5, 5, 2), "threshold", 0.5)
     region = decision_region("msp", {"gradcam_defect": defect, "agnostic": far})
     assert (region == defect).all()  # no overlap: the defect evidence itself
+    # a method that is not an IoU (the default, snapshot_mean): the defect evidence, even where
+    # the class-agnostic map overlaps it
+    region = decision_region("snapshot_mean", {"gradcam_defect": defect, "agnostic": agn})
+    assert region is not None and (region == defect).all() and not (defect == (defect & agn)).all()
     anomaly = np.zeros((40, 60), bool)
     anomaly[1:3, 1:3] = True
     assert (

@@ -278,9 +278,11 @@ def decision_region(method: str, masks: Mapping[str, np.ndarray]) -> np.ndarray 
     """The pixels that drove the decision of ``method``.
 
     * an anomaly method (``anomaly_<bank>``): its map above τ;
-    * otherwise the defect evidence the network looked at: the Grad-CAM defect mask ∩ the
-      class-agnostic mask (the overlap the IoU gap counts), or the defect mask alone when they
-      do not overlap.
+    * an IoU method (``iou_*``, the paper's scores): the Grad-CAM defect mask ∩ the
+      class-agnostic mask (the overlap the IoU counts), or the defect mask alone when they do
+      not overlap;
+    * any other method (P(defect) of the production model, its snapshots or auditors, rules):
+      the Grad-CAM defect mask, the evidence the network gave for ``defect``.
 
     Returns ``None`` when no mask is known.
     """
@@ -289,7 +291,9 @@ def decision_region(method: str, masks: Mapping[str, np.ndarray]) -> np.ndarray 
     defect, agn = masks.get("gradcam_defect"), masks.get("agnostic")
     if defect is None:
         return agn
-    if agn is not None and agn.shape == defect.shape and (defect & agn).any():
+    overlap = agn is not None and agn.shape == defect.shape and bool((defect & agn).any())
+    if method.startswith("iou_") and overlap:
+        assert agn is not None
         return defect & agn
     return defect
 
