@@ -106,7 +106,7 @@ class AuditSuite:
             if group not in GROUPS:
                 raise SuiteError(f"unknown auditor group {group!r}; use one of {GROUPS}")
             for a in models:
-                check_auditor(self.pm, a)
+                check_auditor(self.pm, a, group)
         if self.views:
             from worker.engine.views import DIHEDRAL_VIEWS
 
@@ -360,13 +360,14 @@ def _display(im: Tensor) -> Tensor:
     ].clamp(0.0, 1.0)
 
 
-def check_auditor(pm: ProductionModel, auditor: ProductionModel) -> None:
-    """Refuse an auditor that does not fit the production model, in one line.
+def check_auditor(pm: ProductionModel, auditor: ProductionModel, role: str = "auditor") -> None:
+    """Refuse an auditor (or a snapshot: ``role``) that does not fit the production model, in
+    one line naming it as ``role``.
 
     Raises:
         SuiteError: another channel count, other class names, or the production model itself.
     """
-    where = f"auditor {auditor.path or auditor.model_version}"
+    where = f"{role} {auditor.path or auditor.model_version}"
     if auditor.in_channels != pm.in_channels:
         raise SuiteError(
             f"{where} takes {auditor.in_channels} input channel(s); the production model "

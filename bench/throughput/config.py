@@ -39,7 +39,7 @@ SO_WORKLOADS = ("none", *SECOND_OPINIONS, "all")
 SO_LABELS = {
     "none": "(c) via AuditSuite.measure, no second opinion",
     "auditor": "(c) + auditor",
-    "snapshots": "(c) + 3 snapshots",
+    "snapshots": "(c) + snapshots",
     "views": "(c) + 4 flip views",
     "anomaly_own": "(c) + PatchCore bank, own features",
     "anomaly_imagenet": "(c) + PatchCore bank, EfficientNet-Lite0",

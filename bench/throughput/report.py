@@ -58,7 +58,7 @@ WHAT_WAS_TIMED = {
     "worker's default>)`. *none*: the engine's (c) plus what `measure` adds (per-image rows, "
     "the three maps cropped and resized to each image's aspect ratio, the display copies). "
     "*auditor*: plus fitting the images to the auditor's input and its forward pass. "
-    "*snapshots*: plus one forward pass of each snapshot (3, the production model's size). *views*: "
+    "*snapshots*: plus one forward pass of each snapshot (listed below). *views*: "
     "plus one forward pass of the production model, without gradients, on the 4 flip views "
     "of x stacked into 4·B images (identity, hflip, vflip, hvflip). *anomaly_own* / *anomaly_imagenet*: plus fitting the images to the bank's "
     "input, the feature model's forward pass to the bank's two layers, PatchCore's 3 × 3 "

@@ -346,6 +346,8 @@ def prepare_second_opinions(
             if on_step is not None:
                 on_step("second opinions: loading the snapshots")
             setup.snapshots, descs = snapshot_models(pm, cfg, workdir, snapshots)
+            for sm in setup.snapshots:  # a misfit fails here, before minutes of timing
+                check_auditor(pm, sm, "snapshot")
             setup.info["snapshots"] = [
                 {**_model_info(sm), "description": d}
                 for sm, d in zip(setup.snapshots, descs, strict=True)

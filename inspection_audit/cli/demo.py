@@ -63,7 +63,8 @@ def demo(dataset: Path | None, workers: int, model: Path | None, epochs: int, im
     from inspection_audit.procs import start_worker, stop_workers, wait_for, worker_env
     from inspection_audit.settings import get_settings
     from producer.api import enqueue_many, reset_apps
-    from worker.model.checkpoint import load_checkpoint
+    from worker.measure import SuiteError
+    from worker.model.checkpoint import CheckpointError, load_checkpoint
 
     settings = get_settings()
     manifest = find_dataset(dataset, settings.dataset)
@@ -71,8 +72,22 @@ def demo(dataset: Path | None, workers: int, model: Path | None, epochs: int, im
     console.print(f"[bold]dataset[/] {manifest}")
     console.print(f"[bold]broker[/] {settings.resolved_broker_url}   [bold]database[/] "
                   f"{settings.resolved_database_url.split('@')[-1]}")  # fmt: skip
-    models = ensure_models(manifest, home, DemoPlan.sized(image_size, epochs), model)
-    cal = ensure_calibration(manifest, models, settings)
+    plan = DemoPlan.sized(image_size, epochs)
+    if (
+        settings.decision_method.startswith("snapshot_")
+        and model is None
+        and not plan.snapshot_epochs
+    ):
+        raise click.ClickException(
+            f"decision method {settings.decision_method} reads snapshots of the training run, "
+            f"and {epochs} epoch(s) leave none: use --epochs 2 or more, or set "
+            "INSPECTION_AUDIT_DECISION_METHOD to another method (e.g. msp)"
+        )
+    try:
+        models = ensure_models(manifest, home, plan, model)
+        cal = ensure_calibration(manifest, models, settings)
+    except (CheckpointError, SuiteError) as exc:  # e.g. a snapshot beside --model that is unusable
+        raise click.ClickException(str(exc)) from None
     version, method = load_checkpoint(models.production).model_version, settings.decision_method
     if method not in cal.methods:
         raise click.ClickException(

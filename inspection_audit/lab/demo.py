@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -133,9 +134,9 @@ def snapshot_paths(ckpt: Path, epochs: tuple[int, ...] | None = None) -> list[Pa
     that exist when ``None``), in epoch order."""
     if epochs is not None:
         return [ckpt.with_name(f"{ckpt.stem}-epoch{e}{ckpt.suffix}") for e in epochs]
-    found = ckpt.parent.glob(f"{ckpt.stem}-epoch*{ckpt.suffix}")
-    with_epoch = [(p.stem.rsplit("-epoch", 1)[1], p) for p in found]
-    return [p for e, p in sorted((int(e), p) for e, p in with_epoch if e.isdigit())]
+    pattern = re.compile(re.escape(ckpt.stem) + r"-epoch([0-9]+)" + re.escape(ckpt.suffix))
+    found = [(m, p) for p in ckpt.parent.iterdir() if (m := pattern.fullmatch(p.name))]
+    return [p for _e, p in sorted((int(m.group(1)), p) for m, p in found)]
 
 
 def ensure_model(
